@@ -1,0 +1,2 @@
+// Placeholder replaced by the database/Redis run setup.
+export default function setup(): void {}
