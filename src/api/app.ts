@@ -1,0 +1,129 @@
+import { randomUUID } from 'node:crypto';
+import cors from '@fastify/cors';
+import helmet from '@fastify/helmet';
+import swagger from '@fastify/swagger';
+import swaggerUi from '@fastify/swagger-ui';
+import Fastify, { type FastifyBaseLogger, type FastifyInstance } from 'fastify';
+import {
+  jsonSchemaTransform,
+  jsonSchemaTransformObject,
+  serializerCompiler,
+  validatorCompiler,
+  type ZodTypeProvider,
+} from 'fastify-type-provider-zod';
+import type { Container } from '../container.js';
+import { errorCatalogue } from '../lib/errors.js';
+import { registerErrorHandling } from './plugins/errors.js';
+import { registerMetrics } from './plugins/metrics.js';
+import { healthRoutes } from './routes/health.js';
+
+export type App = FastifyInstance;
+
+const REQUEST_ID = /^[A-Za-z0-9._:-]{1,128}$/;
+
+/** Body limit: a 32,000-character message is at most ~128 KB of UTF-8, with room for JSON. */
+export const BODY_LIMIT = 256 * 1024;
+
+export interface BuildAppOptions {
+  /** Extra routes (tests, benchmarks); registered after the product's own. */
+  configure?: (app: FastifyInstance) => void | Promise<void>;
+}
+
+export async function buildApp(container: Container, options: BuildAppOptions = {}): Promise<App> {
+  const { config } = container;
+  const app = Fastify({
+    loggerInstance: container.logger as FastifyBaseLogger,
+    bodyLimit: BODY_LIMIT,
+    trustProxy: config.trustProxy,
+    requestIdHeader: false,
+    genReqId: (req) => {
+      const given = req.headers['x-request-id'];
+      return typeof given === 'string' && REQUEST_ID.test(given) ? given : randomUUID();
+    },
+    routerOptions: { ignoreTrailingSlash: true },
+    // Lets in-flight requests finish on close while idle keep-alive sockets are dropped.
+    forceCloseConnections: 'idle',
+    return503OnClosing: true,
+  });
+
+  app.setValidatorCompiler(validatorCompiler);
+  app.setSerializerCompiler(serializerCompiler);
+  // JSON only: text/plain bodies are refused with 415 rather than parsed as strings.
+  app.removeContentTypeParser('text/plain');
+
+  app.addHook('onRequest', async (request, reply) => {
+    reply.header('x-request-id', request.id);
+  });
+
+  // While shutting down, responses to in-flight requests close their keep-alive connection, so
+  // the server can finish closing as soon as they are sent.
+  let closing = false;
+  app.addHook('preClose', async () => {
+    closing = true;
+  });
+  app.addHook('onSend', async (_request, reply) => {
+    if (closing) reply.header('connection', 'close');
+  });
+
+  registerErrorHandling(app);
+  registerMetrics(app, container.metrics);
+
+  await app.register(helmet, {
+    // The reference page at /docs loads its own scripts and styles from this origin.
+    contentSecurityPolicy: {
+      directives: {
+        defaultSrc: ["'self'"],
+        scriptSrc: ["'self'"],
+        styleSrc: ["'self'", 'https:', "'unsafe-inline'"],
+        imgSrc: ["'self'", 'data:', 'https:'],
+        connectSrc: ["'self'"],
+      },
+    },
+  });
+  await app.register(cors, {
+    origin: config.corsOrigins.length > 0 ? config.corsOrigins : false,
+    exposedHeaders: [
+      'x-request-id',
+      'location',
+      'retry-after',
+      'x-ratelimit-limit',
+      'x-ratelimit-remaining',
+      'x-ratelimit-reset',
+      'x-cache',
+    ],
+  });
+
+  await app.register(swagger, {
+    openapi: {
+      openapi: '3.1.0',
+      info: {
+        title: 'Gemini Chat API',
+        version: '1.0.0',
+        description: [
+          'Chatrooms answered by Google Gemini through a queue, with OTP sign-in and Stripe subscriptions.',
+          '',
+          'Every error has the shape `{ "error": { "code", "message", "requestId", "details" } }`. Codes:',
+          '',
+          ...Object.entries(errorCatalogue).map(
+            ([code, { status, description }]) => `- \`${code}\` (${status}): ${description}`,
+          ),
+        ].join('\n'),
+      },
+      components: {
+        securitySchemes: {
+          bearerAuth: { type: 'http', scheme: 'bearer', bearerFormat: 'JWT' },
+        },
+      },
+    },
+    transform: jsonSchemaTransform,
+    transformObject: jsonSchemaTransformObject,
+  });
+  await app.register(swaggerUi, { routePrefix: '/docs', staticCSP: true });
+
+  const routes = app.withTypeProvider<ZodTypeProvider>();
+  await routes.register(healthRoutes(container));
+  app.get('/openapi.json', { schema: { hide: true } }, async () => app.swagger());
+
+  if (options.configure) await options.configure(app);
+  return app;
+}
