@@ -1,3 +1,8 @@
+import { AuthService } from './auth/auth-service.js';
+import { OtpService } from './auth/otp-service.js';
+import { SessionService } from './auth/session-service.js';
+import { TokenService } from './auth/token-service.js';
+import { currentTier, type Tier } from './billing/tier.js';
 import type { Config } from './config.js';
 import { createDatabase, type DatabaseHandle, ensureDatabase } from './db/client.js';
 import { runMigrations } from './db/migrate.js';
@@ -5,6 +10,7 @@ import { type Clock, systemClock } from './lib/clock.js';
 import type { Logger } from './lib/logger.js';
 import { Metrics } from './lib/metrics.js';
 import { connectRedis, createRedis, type Redis, RedisKeys } from './lib/redis.js';
+import { UserRepository } from './users/user-repository.js';
 
 /** Everything the API and the worker share; each piece closes itself in `close()`. */
 export interface Container {
@@ -15,6 +21,13 @@ export interface Container {
   database: DatabaseHandle;
   redis: Redis;
   keys: RedisKeys;
+  users: UserRepository;
+  tokens: TokenService;
+  sessions: SessionService;
+  otps: OtpService;
+  auth: AuthService;
+  /** The user's tier, read fresh from the database. */
+  tierOf(userId: string): Promise<Tier>;
   close(): Promise<void>;
 }
 
@@ -43,14 +56,42 @@ export async function createContainer(
   }
 
   const closers: Array<() => Promise<void>> = [];
+  const clock = options.clock ?? systemClock;
+  const keys = new RedisKeys(config.redisPrefix);
+  const db = database.db;
+  const users = new UserRepository(db);
+  const tokens = new TokenService({
+    secret: config.jwt.secret,
+    issuer: config.jwt.issuer,
+    audience: config.jwt.audience,
+    ttlSeconds: config.jwt.accessTtlSeconds,
+  });
+  const sessions = new SessionService({
+    db,
+    redis,
+    keys,
+    tokens,
+    clock,
+    logger,
+    refreshTtlDays: config.jwt.refreshTtlDays,
+  });
+  const otps = new OtpService({ redis, keys, secret: config.jwt.secret });
+  const auth = new AuthService({ config, db, users, otps, sessions, clock, logger });
+
   const container: Container = {
     config,
     logger,
-    clock: options.clock ?? systemClock,
+    clock,
     metrics: new Metrics(),
     database,
     redis,
-    keys: new RedisKeys(config.redisPrefix),
+    keys,
+    users,
+    tokens,
+    sessions,
+    otps,
+    auth,
+    tierOf: (userId) => currentTier(db, userId, clock.now(), config.pastDueGraceDays),
     close: async () => {
       for (const close of closers.reverse()) await close().catch(() => {});
       await database.close();

@@ -13,9 +13,13 @@ import {
 } from 'fastify-type-provider-zod';
 import type { Container } from '../container.js';
 import { errorCatalogue } from '../lib/errors.js';
+import { registerAuth } from './plugins/auth.js';
 import { registerErrorHandling } from './plugins/errors.js';
 import { registerMetrics } from './plugins/metrics.js';
+import { registerRateLimit } from './plugins/rate-limit.js';
+import { authRoutes } from './routes/auth.js';
 import { healthRoutes } from './routes/health.js';
+import { userRoutes } from './routes/user.js';
 
 export type App = FastifyInstance;
 
@@ -120,9 +124,16 @@ export async function buildApp(container: Container, options: BuildAppOptions = 
   });
   await app.register(swaggerUi, { routePrefix: '/docs', staticCSP: true });
 
+  const authenticated = registerAuth(app, container);
+  await registerRateLimit(app, container);
+
   const routes = app.withTypeProvider<ZodTypeProvider>();
   await routes.register(healthRoutes(container));
-  app.get('/openapi.json', { schema: { hide: true } }, async () => app.swagger());
+  await routes.register(authRoutes(container, authenticated));
+  await routes.register(userRoutes(container, authenticated));
+  app.get('/openapi.json', { schema: { hide: true }, config: { rateLimit: false } }, async () =>
+    app.swagger(),
+  );
 
   if (options.configure) await options.configure(app);
   return app;

@@ -71,6 +71,8 @@ export function testEnv(overrides: EnvOverrides = {}): Record<string, string> {
     JWT_SECRET: 'test-secret-that-is-long-enough-for-hs256-0123456789',
     LOG_LEVEL: 'info',
     LLM_PROVIDER: 'offline',
+    RATE_LIMIT_PUBLIC_PER_MINUTE: '100000',
+    RATE_LIMIT_USER_PER_MINUTE: '100000',
     REDIS_URL,
     ...overrides,
   };

@@ -42,6 +42,7 @@ export const healthRoutes =
           response: { 200: z.object({ status: z.literal('ok') }) },
         },
         logLevel: 'warn',
+        config: { rateLimit: false },
       },
       async () => ({ status: 'ok' as const }),
     );
@@ -58,6 +59,7 @@ export const healthRoutes =
           },
         },
         logLevel: 'warn',
+        config: { rateLimit: false },
       },
       async (request) => {
         const [pg, rd] = await Promise.all([

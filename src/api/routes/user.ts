@@ -1,0 +1,76 @@
+import type { FastifyPluginAsyncZod } from 'fastify-type-provider-zod';
+import { z } from 'zod';
+import type { Tier } from '../../billing/tier.js';
+import type { Container } from '../../container.js';
+import type { UserRow } from '../../db/schema/index.js';
+import { AppError } from '../../lib/errors.js';
+import { caller, type Protected } from '../plugins/auth.js';
+import { bearer, errorResponses, toIso, userSchema } from '../schemas.js';
+
+export function toUserDto(user: UserRow, tier: Tier): z.infer<typeof userSchema> {
+  return {
+    id: user.id,
+    mobile: user.mobile,
+    name: user.name,
+    email: user.email,
+    tier,
+    verified: user.verifiedAt !== null,
+    hasPassword: user.passwordHash !== null,
+    createdAt: toIso(user.createdAt),
+  };
+}
+
+export const userRoutes =
+  (container: Container, authenticated: Protected): FastifyPluginAsyncZod =>
+  async (app) => {
+    const tags = ['User'];
+    const gone = () =>
+      new AppError({ code: 'UNAUTHENTICATED', message: 'The account no longer exists' });
+
+    app.get(
+      '/user/me',
+      {
+        ...authenticated,
+        schema: {
+          tags,
+          security: bearer,
+          summary: 'The signed-in user, with the tier read fresh from the database',
+          response: { 200: userSchema, ...errorResponses('UNAUTHENTICATED') },
+        },
+      },
+      async (request) => {
+        const { userId } = caller(request);
+        const [user, tier] = await Promise.all([
+          container.users.findById(userId),
+          container.tierOf(userId),
+        ]);
+        if (!user) throw gone();
+        return toUserDto(user, tier);
+      },
+    );
+
+    app.patch(
+      '/user/me',
+      {
+        ...authenticated,
+        schema: {
+          tags,
+          security: bearer,
+          summary: 'Update name and email',
+          body: z
+            .object({
+              name: z.string().trim().min(1).max(100).nullable().optional(),
+              email: z.email().max(254).nullable().optional(),
+            })
+            .refine((b) => b.name !== undefined || b.email !== undefined, 'give name or email'),
+          response: { 200: userSchema, ...errorResponses('VALIDATION_FAILED', 'UNAUTHENTICATED') },
+        },
+      },
+      async (request) => {
+        const { userId } = caller(request);
+        const user = await container.users.update(userId, request.body);
+        if (!user) throw gone();
+        return toUserDto(user, await container.tierOf(userId));
+      },
+    );
+  };

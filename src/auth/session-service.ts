@@ -1,0 +1,215 @@
+import { randomBytes } from 'node:crypto';
+import { and, eq, gt, isNull, ne } from 'drizzle-orm';
+import type { Database, DbOrTx } from '../db/client.js';
+import { refreshTokens, sessions } from '../db/schema/index.js';
+import type { Clock } from '../lib/clock.js';
+import { AppError, isConnectionError } from '../lib/errors.js';
+import type { Logger } from '../lib/logger.js';
+import type { Redis, RedisKeys } from '../lib/redis.js';
+import { sha256Hex } from '../lib/secrets.js';
+import type { TokenService } from './token-service.js';
+
+export interface TokenPair {
+  accessToken: string;
+  refreshToken: string;
+  tokenType: 'Bearer';
+  expiresIn: number;
+}
+
+export interface SessionMeta {
+  userAgent?: string | undefined;
+  ip?: string | undefined;
+}
+
+/** How long a "session is live" answer is cached; revocation overwrites it at once. */
+const SESSION_CACHE_SECONDS = 300;
+const REVOKED = 'revoked';
+
+const unauthenticated = (message: string) =>
+  new AppError({
+    code: 'UNAUTHENTICATED',
+    message,
+    headers: { 'www-authenticate': 'Bearer error="invalid_token"' },
+  });
+
+export interface SessionServiceOptions {
+  db: Database;
+  redis: Redis;
+  keys: RedisKeys;
+  tokens: TokenService;
+  clock: Clock;
+  logger: Logger;
+  refreshTtlDays: number;
+}
+
+export class SessionService {
+  constructor(private readonly o: SessionServiceOptions) {}
+
+  private cacheKey(sessionId: string) {
+    return this.o.keys.key('session', sessionId);
+  }
+
+  private newRefreshToken() {
+    const token = randomBytes(32).toString('base64url');
+    return { token, hash: sha256Hex(token) };
+  }
+
+  private refreshExpiry() {
+    return new Date(this.o.clock.now().getTime() + this.o.refreshTtlDays * 86_400_000);
+  }
+
+  /** Starts a session and returns its first token pair. */
+  async create(userId: string, meta: SessionMeta, tx: DbOrTx = this.o.db): Promise<TokenPair> {
+    const expiresAt = this.refreshExpiry();
+    const [session] = await tx
+      .insert(sessions)
+      .values({ userId, userAgent: meta.userAgent?.slice(0, 300), ip: meta.ip, expiresAt })
+      .returning({ id: sessions.id });
+    const refresh = this.newRefreshToken();
+    await tx
+      .insert(refreshTokens)
+      .values({ sessionId: session!.id, tokenHash: refresh.hash, expiresAt });
+    return this.pair(userId, session!.id, refresh.token);
+  }
+
+  private async pair(userId: string, sessionId: string, refreshToken: string): Promise<TokenPair> {
+    return {
+      accessToken: await this.o.tokens.signAccess({ userId, sessionId }),
+      refreshToken,
+      tokenType: 'Bearer',
+      expiresIn: this.o.tokens.ttlSeconds,
+    };
+  }
+
+  /**
+   * Rotates a refresh token. Presenting one that was already rotated means it leaked: the whole
+   * session (its token family and its access tokens) is revoked.
+   */
+  async refresh(refreshToken: string): Promise<TokenPair> {
+    const now = this.o.clock.now();
+    const hash = sha256Hex(refreshToken);
+    const outcome = await this.o.db.transaction(async (tx) => {
+      const [row] = await tx
+        .select({
+          tokenId: refreshTokens.id,
+          usedAt: refreshTokens.usedAt,
+          tokenExpiresAt: refreshTokens.expiresAt,
+          sessionId: sessions.id,
+          userId: sessions.userId,
+          revokedAt: sessions.revokedAt,
+          sessionExpiresAt: sessions.expiresAt,
+        })
+        .from(refreshTokens)
+        .innerJoin(sessions, eq(sessions.id, refreshTokens.sessionId))
+        .where(eq(refreshTokens.tokenHash, hash))
+        .for('update', { of: sessions });
+      if (!row) return { kind: 'invalid' as const };
+      if (row.revokedAt) return { kind: 'invalid' as const };
+      if (row.usedAt) return { kind: 'reuse' as const, sessionId: row.sessionId };
+      if (row.tokenExpiresAt <= now || row.sessionExpiresAt <= now) {
+        return { kind: 'invalid' as const };
+      }
+      await tx.update(refreshTokens).set({ usedAt: now }).where(eq(refreshTokens.id, row.tokenId));
+      const next = this.newRefreshToken();
+      const expiresAt = this.refreshExpiry();
+      await tx
+        .insert(refreshTokens)
+        .values({ sessionId: row.sessionId, tokenHash: next.hash, expiresAt });
+      await tx
+        .update(sessions)
+        .set({ lastUsedAt: now, expiresAt })
+        .where(eq(sessions.id, row.sessionId));
+      return {
+        kind: 'ok' as const,
+        userId: row.userId,
+        sessionId: row.sessionId,
+        token: next.token,
+      };
+    });
+    if (outcome.kind === 'reuse') {
+      await this.revoke(outcome.sessionId, 'refresh_token_reuse');
+      this.o.logger.warn({ sessionId: outcome.sessionId }, 'refresh token reused; session revoked');
+      throw unauthenticated('The refresh token was already used; the session has been revoked');
+    }
+    if (outcome.kind === 'invalid')
+      throw unauthenticated('The refresh token is invalid or expired');
+    return this.pair(outcome.userId, outcome.sessionId, outcome.token);
+  }
+
+  /** Revokes one session; its access tokens stop working on the next request. */
+  async revoke(sessionId: string, reason: string, tx: DbOrTx = this.o.db): Promise<void> {
+    await tx
+      .update(sessions)
+      .set({ revokedAt: this.o.clock.now(), revokedReason: reason })
+      .where(and(eq(sessions.id, sessionId), isNull(sessions.revokedAt)));
+    await this.markRevoked([sessionId]);
+  }
+
+  /** Revokes every live session of a user, optionally keeping one (the caller's). */
+  async revokeAll(userId: string, reason: string, keepSessionId?: string, tx: DbOrTx = this.o.db) {
+    const revoked = await tx
+      .update(sessions)
+      .set({ revokedAt: this.o.clock.now(), revokedReason: reason })
+      .where(
+        and(
+          eq(sessions.userId, userId),
+          isNull(sessions.revokedAt),
+          keepSessionId ? ne(sessions.id, keepSessionId) : undefined,
+        ),
+      )
+      .returning({ id: sessions.id });
+    await this.markRevoked(revoked.map((r) => r.id));
+  }
+
+  private async markRevoked(sessionIds: string[]) {
+    if (sessionIds.length === 0) return;
+    const pipeline = this.o.redis.pipeline();
+    for (const id of sessionIds)
+      pipeline.set(this.cacheKey(id), REVOKED, 'EX', SESSION_CACHE_SECONDS);
+    await pipeline.exec().catch((error) => {
+      // The database is the truth; a missed marker only delays revocation by the cache time.
+      this.o.logger.warn(
+        { err: (error as Error).message },
+        'could not mark sessions revoked in Redis',
+      );
+    });
+  }
+
+  /** Whether a session is live, answered from Redis when possible. */
+  async isActive(sessionId: string, userId: string): Promise<boolean> {
+    const key = this.cacheKey(sessionId);
+    let cached: string | null = null;
+    try {
+      cached = await this.o.redis.get(key);
+    } catch (error) {
+      if (!isConnectionError(error)) throw error;
+    }
+    if (cached === REVOKED) return false;
+    if (cached === userId) return true;
+    const [row] = await this.o.db
+      .select({ userId: sessions.userId })
+      .from(sessions)
+      .where(
+        and(
+          eq(sessions.id, sessionId),
+          isNull(sessions.revokedAt),
+          gt(sessions.expiresAt, this.o.clock.now()),
+        ),
+      );
+    const active = row?.userId === userId;
+    if (active) {
+      // NX: never overwrite a revocation marker written after our read.
+      await this.o.redis.set(key, userId, 'EX', SESSION_CACHE_SECONDS, 'NX').catch(() => {});
+    }
+    return active;
+  }
+
+  /** Checks a bearer token and its session; throws UNAUTHENTICATED. */
+  async authenticate(accessToken: string) {
+    const claims = await this.o.tokens.verifyAccess(accessToken);
+    if (!(await this.isActive(claims.sessionId, claims.userId))) {
+      throw unauthenticated('The session has ended; sign in again');
+    }
+    return claims;
+  }
+}

@@ -1,0 +1,37 @@
+import { desc, eq } from 'drizzle-orm';
+import type { DbOrTx } from '../db/client.js';
+import { type SubscriptionRow, subscriptions } from '../db/schema/index.js';
+
+export type Tier = 'basic' | 'pro';
+
+/**
+ * Pro while a subscription is `active` or `trialing`, and while `past_due` for at most
+ * `graceDays` after it became past due; Basic otherwise.
+ */
+export function tierOf(
+  rows: Pick<SubscriptionRow, 'status' | 'pastDueSince' | 'currentPeriodEnd'>[],
+  now: Date,
+  graceDays: number,
+): Tier {
+  for (const row of rows) {
+    if (row.status === 'active' || row.status === 'trialing') return 'pro';
+    if (row.status === 'past_due') {
+      const since = row.pastDueSince ?? row.currentPeriodEnd ?? now;
+      if (now.getTime() - since.getTime() < graceDays * 86_400_000) return 'pro';
+    }
+  }
+  return 'basic';
+}
+
+/** The user's subscriptions, newest first; read fresh on every request (never from a token). */
+export async function loadSubscriptions(db: DbOrTx, userId: string): Promise<SubscriptionRow[]> {
+  return db
+    .select()
+    .from(subscriptions)
+    .where(eq(subscriptions.userId, userId))
+    .orderBy(desc(subscriptions.updatedAt));
+}
+
+export async function currentTier(db: DbOrTx, userId: string, now: Date, graceDays: number) {
+  return tierOf(await loadSubscriptions(db, userId), now, graceDays);
+}
