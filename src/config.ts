@@ -64,6 +64,7 @@ export const envSchema = z
     GEMINI_BASE_URL: z.preprocess(emptyToUndefined, url(['http:', 'https:']).optional()),
     LLM_HISTORY_TOKEN_BUDGET: positiveInt.default(8000),
     LLM_TIMEOUT_SECONDS: positiveInt.default(120),
+    LLM_RETRY_BASE_MS: positiveInt.default(1000),
     STRIPE_SECRET_KEY: optionalString,
     STRIPE_WEBHOOK_SECRET: optionalString,
     STRIPE_PRICE_ID: optionalString,
@@ -147,6 +148,8 @@ export interface Config {
     geminiBaseUrl: string | undefined;
     historyTokenBudget: number;
     timeoutMs: number;
+    /** First retry delay after a transient provider failure; doubles per attempt. */
+    retryBaseMs: number;
   };
   stripe:
     | {
@@ -217,6 +220,7 @@ export function loadConfig(source: NodeJS.ProcessEnv = process.env): Config {
       geminiBaseUrl: env.GEMINI_BASE_URL,
       historyTokenBudget: env.LLM_HISTORY_TOKEN_BUDGET,
       timeoutMs: env.LLM_TIMEOUT_SECONDS * 1000,
+      retryBaseMs: env.LLM_RETRY_BASE_MS,
     },
     stripe: stripeParts.every(Boolean)
       ? {

@@ -1,8 +1,15 @@
+import type { Queue } from 'bullmq';
 import { AuthService } from './auth/auth-service.js';
 import { OtpService } from './auth/otp-service.js';
 import { SessionService } from './auth/session-service.js';
 import { TokenService } from './auth/token-service.js';
+import { QuotaService } from './billing/quota-service.js';
 import { currentTier, type Tier } from './billing/tier.js';
+import { CancelBus } from './chat/cancel-bus.js';
+import { ChatRepository } from './chat/chat-repository.js';
+import { ChatService } from './chat/chat-service.js';
+import { ReplyStreams } from './chat/reply-stream.js';
+import { RoomListCache } from './chat/room-list-cache.js';
 import type { Config } from './config.js';
 import { createDatabase, type DatabaseHandle, ensureDatabase } from './db/client.js';
 import { runMigrations } from './db/migrate.js';
@@ -10,9 +17,11 @@ import { type Clock, systemClock } from './lib/clock.js';
 import type { Logger } from './lib/logger.js';
 import { Metrics } from './lib/metrics.js';
 import { connectRedis, createRedis, type Redis, RedisKeys } from './lib/redis.js';
+import { createLlmProvider, type LlmProvider } from './llm/index.js';
+import { createMaintenanceQueue, createReplyQueue, type ReplyJob } from './queue/queues.js';
 import { UserRepository } from './users/user-repository.js';
 
-/** Everything the API and the worker share; each piece closes itself in `close()`. */
+/** Everything the API and the worker share; `close()` closes what it opened. */
 export interface Container {
   config: Config;
   logger: Logger;
@@ -26,8 +35,18 @@ export interface Container {
   sessions: SessionService;
   otps: OtpService;
   auth: AuthService;
+  chatRepository: ChatRepository;
+  chat: ChatService;
+  quota: QuotaService;
+  streams: ReplyStreams;
+  cancelBus: CancelBus;
+  replyQueue: Queue<ReplyJob>;
+  maintenanceQueue: Queue;
+  llm: LlmProvider;
   /** The user's tier, read fresh from the database. */
   tierOf(userId: string): Promise<Tier>;
+  /** Daily prompt limit of a tier; null is unlimited. */
+  limitFor(tier: Tier): number | null;
   close(): Promise<void>;
 }
 
@@ -35,6 +54,8 @@ export interface ContainerOptions {
   clock?: Clock;
   /** Skip database creation and migrations (tests prepare their database once per run). */
   skipMigrations?: boolean;
+  /** Replace the configured model (tests, benchmarks). */
+  llm?: LlmProvider;
 }
 
 export async function createContainer(
@@ -55,7 +76,6 @@ export async function createContainer(
     throw error;
   }
 
-  const closers: Array<() => Promise<void>> = [];
   const clock = options.clock ?? systemClock;
   const keys = new RedisKeys(config.redisPrefix);
   const db = database.db;
@@ -78,7 +98,35 @@ export async function createContainer(
   const otps = new OtpService({ redis, keys, secret: config.jwt.secret });
   const auth = new AuthService({ config, db, users, otps, sessions, clock, logger });
 
-  const container: Container = {
+  const chatRepository = new ChatRepository(db);
+  const quota = new QuotaService({
+    redis,
+    keys,
+    clock,
+    countFromDatabase: (userId, day) => chatRepository.countQuotaDay(userId, day),
+  });
+  const streams = new ReplyStreams(redis, keys);
+  const cancelBus = new CancelBus(redis, keys);
+  const replyQueue = createReplyQueue(redis, config.redisPrefix);
+  const maintenanceQueue = createMaintenanceQueue(redis, config.redisPrefix);
+  const tierOf = (userId: string) => currentTier(db, userId, clock.now(), config.pastDueGraceDays);
+  const limitFor = (tier: Tier) => (tier === 'pro' ? config.proDailyLimit : config.basicDailyLimit);
+  const chat = new ChatService({
+    db,
+    chat: chatRepository,
+    cache: new RoomListCache(redis, keys),
+    quota,
+    replyQueue,
+    streams,
+    cancelBus,
+    clock,
+    logger,
+    tierOf,
+    limitFor,
+  });
+  const llm = options.llm ?? createLlmProvider(config.llm);
+
+  return {
     config,
     logger,
     clock,
@@ -91,14 +139,23 @@ export async function createContainer(
     sessions,
     otps,
     auth,
-    tierOf: (userId) => currentTier(db, userId, clock.now(), config.pastDueGraceDays),
+    chatRepository,
+    chat,
+    quota,
+    streams,
+    cancelBus,
+    replyQueue,
+    maintenanceQueue,
+    llm,
+    tierOf,
+    limitFor,
     close: async () => {
-      for (const close of closers.reverse()) await close().catch(() => {});
+      await replyQueue.close().catch(() => {});
+      await maintenanceQueue.close().catch(() => {});
       await database.close();
       redis.disconnect();
     },
   };
-  return container;
 }
 
 /** Logs a lost and a regained Redis link once each, not once per reconnect attempt. */

@@ -18,6 +18,7 @@ import { registerErrorHandling } from './plugins/errors.js';
 import { registerMetrics } from './plugins/metrics.js';
 import { registerRateLimit } from './plugins/rate-limit.js';
 import { authRoutes } from './routes/auth.js';
+import { chatRoutes } from './routes/chat.js';
 import { healthRoutes } from './routes/health.js';
 import { userRoutes } from './routes/user.js';
 
@@ -131,6 +132,7 @@ export async function buildApp(container: Container, options: BuildAppOptions = 
   await routes.register(healthRoutes(container));
   await routes.register(authRoutes(container, authenticated));
   await routes.register(userRoutes(container, authenticated));
+  await routes.register(chatRoutes(container, authenticated));
   app.get('/openapi.json', { schema: { hide: true }, config: { rateLimit: false } }, async () =>
     app.swagger(),
   );

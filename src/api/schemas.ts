@@ -53,3 +53,53 @@ export const tokenPairSchema = z.object({
 });
 
 export const bearer = [{ bearerAuth: [] }];
+
+export const chatroomSchema = z
+  .object({
+    id: z.uuid(),
+    name: z.string(),
+    systemInstruction: z.string().nullable(),
+    createdAt: isoDate,
+    updatedAt: isoDate,
+    lastActivityAt: isoDate,
+  })
+  .meta({ id: 'Chatroom' });
+
+export const messageSchema = z
+  .object({
+    id: z.uuid(),
+    chatroomId: z.uuid(),
+    role: z.enum(['user', 'assistant']),
+    content: z.string(),
+    status: z
+      .enum(['queued', 'streaming', 'completed', 'failed', 'cancelled', 'blocked'])
+      .describe(
+        'A user message is always completed; a reply moves queued → streaming → a final state',
+      ),
+    replyToId: z.uuid().nullable().describe('For a reply: the user message it answers'),
+    model: z.string().nullable(),
+    usage: z
+      .object({
+        promptTokens: z.number().int(),
+        completionTokens: z.number().int(),
+        totalTokens: z.number().int(),
+      })
+      .nullable(),
+    finishReason: z.string().nullable(),
+    error: z
+      .object({ code: z.string(), message: z.string() })
+      .nullable()
+      .describe(
+        'For failed or blocked replies: LLM_RATE_LIMITED, LLM_UNAVAILABLE, LLM_TIMEOUT, LLM_REJECTED, BLOCKED, INTERNAL',
+      ),
+    createdAt: isoDate,
+    completedAt: isoDate.nullable(),
+  })
+  .meta({ id: 'Message' });
+
+export const acceptedSchema = z
+  .object({ userMessage: messageSchema, assistantMessage: messageSchema })
+  .meta({ id: 'AcceptedPrompt' });
+
+export const roomParams = z.object({ id: z.uuid() });
+export const messageParams = z.object({ id: z.uuid(), messageId: z.uuid() });

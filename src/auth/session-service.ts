@@ -109,7 +109,15 @@ export class SessionService {
       if (row.tokenExpiresAt <= now || row.sessionExpiresAt <= now) {
         return { kind: 'invalid' as const };
       }
-      await tx.update(refreshTokens).set({ usedAt: now }).where(eq(refreshTokens.id, row.tokenId));
+      // Conditional: a concurrent rotation of the same token that committed while we waited for
+      // the session lock has already used it (the row read above may predate it), so this one
+      // counts as a reuse.
+      const claimed = await tx
+        .update(refreshTokens)
+        .set({ usedAt: now })
+        .where(and(eq(refreshTokens.id, row.tokenId), isNull(refreshTokens.usedAt)))
+        .returning({ id: refreshTokens.id });
+      if (claimed.length === 0) return { kind: 'reuse' as const, sessionId: row.sessionId };
       const next = this.newRefreshToken();
       const expiresAt = this.refreshExpiry();
       await tx

@@ -7,6 +7,8 @@ import { type Config, type Env, loadConfig } from '../../src/config.js';
 import { type Container, createContainer } from '../../src/container.js';
 import type { Clock } from '../../src/lib/clock.js';
 import { createLogger } from '../../src/lib/logger.js';
+import type { LlmProvider } from '../../src/llm/index.js';
+import { type RunningWorker, startWorker, type WorkerTuning } from '../../src/worker.js';
 import { ADMIN_URL, PG_BASE_URL, REDIS_URL } from './env.js';
 
 export type EnvOverrides = Partial<Record<keyof Env, string>>;
@@ -73,6 +75,8 @@ export function testEnv(overrides: EnvOverrides = {}): Record<string, string> {
     LLM_PROVIDER: 'offline',
     RATE_LIMIT_PUBLIC_PER_MINUTE: '100000',
     RATE_LIMIT_USER_PER_MINUTE: '100000',
+    LLM_RETRY_BASE_MS: '50',
+    SWEEP_INTERVAL_SECONDS: '1',
     REDIS_URL,
     ...overrides,
   };
@@ -83,6 +87,7 @@ export interface TestContext {
   container: Container;
   app: App;
   logs: LogCapture;
+  worker: RunningWorker | undefined;
   close(): Promise<void>;
 }
 
@@ -92,6 +97,9 @@ export interface TestContextOptions extends BuildAppOptions {
   /** Use this database instead of a fresh clone (e.g. a second app instance on the same data). */
   databaseUrl?: string;
   redisPrefix?: string;
+  /** Run the reply worker and sweeper in-process too. */
+  worker?: boolean | WorkerTuning;
+  llm?: LlmProvider;
 }
 
 /** Builds the app in-process against a database and Redis prefix of its own. */
@@ -109,16 +117,26 @@ export async function createTestContext(options: TestContextOptions = {}): Promi
   const logger = createLogger(config.logLevel, logs);
   const container = await createContainer(config, logger, {
     skipMigrations: true,
-    clock: options.clock,
+    ...(options.clock ? { clock: options.clock } : {}),
+    ...(options.llm ? { llm: options.llm } : {}),
   });
   const app = await buildApp(container, options);
   await app.ready();
+  const worker = options.worker
+    ? await startWorker(container, {
+        lockDurationMs: 5000,
+        stalledIntervalMs: 1000,
+        ...(typeof options.worker === 'object' ? options.worker : {}),
+      })
+    : undefined;
   return {
     config,
     container,
     app,
     logs,
+    worker,
     close: async () => {
+      await worker?.close(2000);
       await app.close();
       await container.close();
       await database?.drop();

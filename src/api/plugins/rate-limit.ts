@@ -19,6 +19,19 @@ export async function registerRateLimit(app: FastifyInstance, container: Contain
     keyGenerator: (request) => (request.auth ? `u:${request.auth.userId}` : `ip:${request.ip}`),
     // A Redis outage surfaces as 503 from the error handler rather than letting traffic through.
     skipOnError: false,
+    // X-RateLimit-* describe the daily prompt quota (on message routes); the request limiter
+    // only speaks up when it refuses, with Retry-After.
+    addHeadersOnExceeding: {
+      'x-ratelimit-limit': false,
+      'x-ratelimit-remaining': false,
+      'x-ratelimit-reset': false,
+    },
+    addHeaders: {
+      'x-ratelimit-limit': false,
+      'x-ratelimit-remaining': false,
+      'x-ratelimit-reset': false,
+      'retry-after': true,
+    },
     errorResponseBuilder: (_request, context) =>
       new AppError({
         code: 'RATE_LIMITED',

@@ -231,7 +231,8 @@ export const authRoutes =
               refreshToken: z.string().max(200).optional(),
               all: z.boolean().optional().describe('Sign out every session of the user'),
             })
-            .optional(),
+            // A POST without a body (and without Content-Type) arrives as null.
+            .nullish(),
           response: {
             204: z.null().describe('Signed out'),
             ...errorResponses('VALIDATION_FAILED', 'UNAUTHENTICATED'),

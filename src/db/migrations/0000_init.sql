@@ -23,6 +23,7 @@ CREATE TABLE "messages" (
 	"finish_reason" text,
 	"error" jsonb,
 	"quota_day" text,
+	"cancel_requested_at" timestamp with time zone,
 	"attempts" integer DEFAULT 0 NOT NULL,
 	"idempotency_key" text,
 	"created_at" timestamp with time zone DEFAULT now() NOT NULL,
@@ -100,6 +101,7 @@ CREATE INDEX "messages_chatroom_created_idx" ON "messages" USING btree ("chatroo
 CREATE INDEX "messages_pending_idx" ON "messages" USING btree ("updated_at") WHERE "messages"."status" in ('queued', 'streaming');--> statement-breakpoint
 CREATE UNIQUE INDEX "messages_user_idempotency_idx" ON "messages" USING btree ("user_id","idempotency_key") WHERE "messages"."idempotency_key" is not null;--> statement-breakpoint
 CREATE INDEX "messages_reply_to_idx" ON "messages" USING btree ("reply_to_id");--> statement-breakpoint
+CREATE INDEX "messages_user_quota_day_idx" ON "messages" USING btree ("user_id","quota_day") WHERE "messages"."quota_day" is not null;--> statement-breakpoint
 CREATE INDEX "refresh_tokens_session_id_idx" ON "refresh_tokens" USING btree ("session_id");--> statement-breakpoint
 CREATE INDEX "sessions_user_id_idx" ON "sessions" USING btree ("user_id");--> statement-breakpoint
 CREATE INDEX "subscriptions_user_id_idx" ON "subscriptions" USING btree ("user_id");

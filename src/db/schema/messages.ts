@@ -57,8 +57,10 @@ export const messages = pgTable(
     usage: jsonb('usage').$type<MessageUsage>(),
     finishReason: text('finish_reason'),
     error: jsonb('error').$type<MessageError>(),
-    /** Whether this reply's prompt was counted against the daily quota (and not given back). */
+    /** The UTC day (YYYY-MM-DD) whose quota this reply's prompt counts against; null once given back. */
     quotaDay: text('quota_day'),
+    /** Set by cancel (or room deletion); the worker stops and keeps the partial text. */
+    cancelRequestedAt: timestamptz('cancel_requested_at'),
     attempts: integer('attempts').notNull().default(0),
     idempotencyKey: text('idempotency_key'),
     createdAt: createdAt(),
@@ -75,6 +77,9 @@ export const messages = pgTable(
       .on(t.userId, t.idempotencyKey)
       .where(sql`${t.idempotencyKey} is not null`),
     index('messages_reply_to_idx').on(t.replyToId),
+    index('messages_user_quota_day_idx')
+      .on(t.userId, t.quotaDay)
+      .where(sql`${t.quotaDay} is not null`),
   ],
 );
 

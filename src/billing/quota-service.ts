@@ -1,0 +1,133 @@
+import type { Clock } from '../lib/clock.js';
+import { nextUtcMidnight, utcDay } from '../lib/clock.js';
+import { AppError } from '../lib/errors.js';
+import type { Redis, RedisKeys } from '../lib/redis.js';
+
+export interface Usage {
+  used: number;
+  /** null: unlimited. */
+  limit: number | null;
+  remaining: number | null;
+  resetsAt: Date;
+}
+
+export interface Reservation extends Usage {
+  day: string;
+}
+
+// KEYS[1] counter. ARGV: limit (-1 unlimited), ttl seconds, seed (-1: none).
+// Returns {status, used}: status 0 reserved, 1 over the limit, 2 counter missing (caller seeds).
+const RESERVE_SCRIPT = `
+local used = redis.call('GET', KEYS[1])
+if not used then
+  if ARGV[3] == '-1' then return {2, 0} end
+  redis.call('SET', KEYS[1], ARGV[3], 'EX', ARGV[2], 'NX')
+  used = redis.call('GET', KEYS[1])
+end
+used = tonumber(used)
+local limit = tonumber(ARGV[1])
+if limit >= 0 and used >= limit then return {1, used} end
+used = redis.call('INCR', KEYS[1])
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+return {0, used}
+`;
+
+const RELEASE_SCRIPT = `
+local used = tonumber(redis.call('GET', KEYS[1]) or '0')
+if used > 0 then return redis.call('DECR', KEYS[1]) end
+return 0
+`;
+
+export interface QuotaServiceOptions {
+  redis: Redis;
+  keys: RedisKeys;
+  clock: Clock;
+  /** Rebuilds a day's count from PostgreSQL when the Redis counter is gone (flush, restart). */
+  countFromDatabase(userId: string, day: string): Promise<number>;
+}
+
+/**
+ * Daily prompt quota per user and UTC day. Reservation is one atomic Redis script, so concurrent
+ * requests can never overshoot the limit; PostgreSQL (each reply's quota day) is the record the
+ * counter is rebuilt from.
+ */
+export class QuotaService {
+  constructor(private readonly o: QuotaServiceOptions) {}
+
+  private key(userId: string, day: string) {
+    return this.o.keys.key('quota', userId, day);
+  }
+
+  private window(now: Date) {
+    const day = utcDay(now);
+    const resetsAt = nextUtcMidnight(now);
+    // Kept a day past the reset so a late give-back still finds its counter.
+    const ttl = Math.ceil((resetsAt.getTime() - now.getTime()) / 1000) + 86_400;
+    return { day, resetsAt, ttl };
+  }
+
+  private usage(used: number, limit: number | null, resetsAt: Date): Usage {
+    return {
+      used,
+      limit,
+      remaining: limit === null ? null : Math.max(0, limit - used),
+      resetsAt,
+    };
+  }
+
+  /** Counts one prompt, or throws QUOTA_EXCEEDED (429 with Retry-After until the reset). */
+  async reserve(userId: string, limit: number | null): Promise<Reservation> {
+    const now = this.o.clock.now();
+    const { day, resetsAt, ttl } = this.window(now);
+    const key = this.key(userId, day);
+    const run = (seed: number) =>
+      this.o.redis.eval(RESERVE_SCRIPT, 1, key, limit ?? -1, ttl, seed) as Promise<
+        [number, number]
+      >;
+    let [status, used] = await run(-1);
+    if (status === 2) {
+      [status, used] = await run(await this.o.countFromDatabase(userId, day));
+    }
+    if (status === 1) {
+      const retryAfter = Math.ceil((resetsAt.getTime() - now.getTime()) / 1000);
+      throw new AppError({
+        code: 'QUOTA_EXCEEDED',
+        message: `Daily limit of ${limit} prompts reached; it resets at ${resetsAt.toISOString()}. Upgrade to Pro for more.`,
+        retryAfter,
+        details: { limit, used, resetsAt: resetsAt.toISOString(), upgrade: '/subscribe/pro' },
+        headers: rateLimitHeaders(this.usage(used, limit, resetsAt)),
+      });
+    }
+    return { day, ...this.usage(used, limit, resetsAt) };
+  }
+
+  /** Gives one prompt of `day` back. */
+  async release(userId: string, day: string): Promise<void> {
+    await this.o.redis.eval(RELEASE_SCRIPT, 1, this.key(userId, day));
+  }
+
+  async current(userId: string, limit: number | null): Promise<Usage> {
+    const now = this.o.clock.now();
+    const { day, resetsAt } = this.window(now);
+    const raw = await this.o.redis.get(this.key(userId, day));
+    const used = raw === null ? await this.o.countFromDatabase(userId, day) : Number(raw);
+    return this.usage(used, limit, resetsAt);
+  }
+}
+
+/** `X-RateLimit-*` headers describing the daily prompt quota. */
+export function rateLimitHeaders(usage: Usage): Record<string, string> {
+  const reset = String(Math.floor(usage.resetsAt.getTime() / 1000));
+  if (usage.limit === null) {
+    return {
+      'x-ratelimit-limit': 'unlimited',
+      'x-ratelimit-remaining': 'unlimited',
+      'x-ratelimit-reset': reset,
+    };
+  }
+  return {
+    'x-ratelimit-limit': String(usage.limit),
+    'x-ratelimit-remaining': String(usage.remaining),
+    'x-ratelimit-reset': reset,
+  };
+}
