@@ -1,6 +1,7 @@
 import { randomUUID } from 'node:crypto';
 import cors from '@fastify/cors';
 import helmet from '@fastify/helmet';
+import { fastifySSE } from '@fastify/sse';
 import swagger from '@fastify/swagger';
 import swaggerUi from '@fastify/swagger-ui';
 import Fastify, { type FastifyBaseLogger, type FastifyInstance } from 'fastify';
@@ -11,6 +12,7 @@ import {
   validatorCompiler,
   type ZodTypeProvider,
 } from 'fastify-type-provider-zod';
+import { ReplyHub } from '../chat/reply-hub.js';
 import type { Container } from '../container.js';
 import { errorCatalogue } from '../lib/errors.js';
 import { registerAuth } from './plugins/auth.js';
@@ -18,8 +20,10 @@ import { registerErrorHandling } from './plugins/errors.js';
 import { registerMetrics } from './plugins/metrics.js';
 import { registerRateLimit } from './plugins/rate-limit.js';
 import { authRoutes } from './routes/auth.js';
+import { billingRoutes } from './routes/billing.js';
 import { chatRoutes } from './routes/chat.js';
 import { healthRoutes } from './routes/health.js';
+import { streamRoutes } from './routes/stream.js';
 import { userRoutes } from './routes/user.js';
 
 export type App = FastifyInstance;
@@ -128,11 +132,19 @@ export async function buildApp(container: Container, options: BuildAppOptions = 
   const authenticated = registerAuth(app, container);
   await registerRateLimit(app, container);
 
+  await app.register(fastifySSE, { heartbeatInterval: 15_000 });
+  const hub = new ReplyHub(container.streams, config.redisUrl, container.redis);
+  hub.start();
+  app.addHook('onClose', async () => hub.close());
+  const replyDeps = { chat: container.chatRepository, streams: container.streams, hub };
+
   const routes = app.withTypeProvider<ZodTypeProvider>();
   await routes.register(healthRoutes(container));
   await routes.register(authRoutes(container, authenticated));
   await routes.register(userRoutes(container, authenticated));
-  await routes.register(chatRoutes(container, authenticated));
+  await routes.register(chatRoutes(container, authenticated, replyDeps));
+  await routes.register(streamRoutes(container, authenticated, replyDeps));
+  await routes.register(billingRoutes(container, authenticated));
   app.get('/openapi.json', { schema: { hide: true }, config: { rateLimit: false } }, async () =>
     app.swagger(),
   );

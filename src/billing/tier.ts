@@ -6,14 +6,19 @@ export type Tier = 'basic' | 'pro';
 
 /**
  * Pro while a subscription is `active` or `trialing`, and while `past_due` for at most
- * `graceDays` after it became past due; Basic otherwise.
+ * `graceDays` after it became past due; Basic otherwise. A subscription set to cancel at period
+ * end stops counting once that end has passed, even before Stripe's `deleted` event arrives.
  */
 export function tierOf(
-  rows: Pick<SubscriptionRow, 'status' | 'pastDueSince' | 'currentPeriodEnd'>[],
+  rows: Array<
+    Pick<SubscriptionRow, 'status' | 'pastDueSince' | 'currentPeriodEnd'> &
+      Partial<Pick<SubscriptionRow, 'cancelAtPeriodEnd'>>
+  >,
   now: Date,
   graceDays: number,
 ): Tier {
   for (const row of rows) {
+    if (row.cancelAtPeriodEnd && row.currentPeriodEnd && row.currentPeriodEnd <= now) continue;
     if (row.status === 'active' || row.status === 'trialing') return 'pro';
     if (row.status === 'past_due') {
       const since = row.pastDueSince ?? row.currentPeriodEnd ?? now;

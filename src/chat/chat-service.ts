@@ -92,7 +92,6 @@ export class ChatService {
     });
     await this.o.cache.invalidate(userId);
     for (const { id } of pending) {
-      await this.o.cancelBus.publish(id).catch(() => {});
       await this.o.replyQueue.remove(id).catch(() => {});
     }
   }

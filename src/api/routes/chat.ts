@@ -4,6 +4,7 @@ import { z } from 'zod';
 import { rateLimitHeaders } from '../../billing/quota-service.js';
 import type { Accepted } from '../../chat/chat-service.js';
 import { toChatroomDto, toMessageDto } from '../../chat/message-dto.js';
+import { type ReplyEventsDeps, waitForFinal } from '../../chat/reply-events.js';
 import type { Container } from '../../container.js';
 import { caller, type Protected } from '../plugins/auth.js';
 import {
@@ -15,6 +16,7 @@ import {
   messageSchema,
   roomParams,
 } from '../schemas.js';
+import { streamReply } from './stream.js';
 
 const roomName = z.string().trim().min(1).max(100);
 const systemInstruction = z
@@ -32,7 +34,11 @@ export const messageContent = z
   .describe('1 to 32,000 characters');
 
 export const chatRoutes =
-  (container: Container, authenticated: Protected): FastifyPluginAsyncZod =>
+  (
+    container: Container,
+    authenticated: Protected,
+    replies: ReplyEventsDeps,
+  ): FastifyPluginAsyncZod =>
   async (app) => {
     const { chat } = container;
     const tags = ['Chatroom'];
@@ -228,18 +234,34 @@ export const chatRoutes =
       '/chatroom/:id/message',
       {
         ...common,
+        sse: 'dual',
         schema: {
           tags,
           security: bearer,
           summary: 'Send a prompt; the reply is generated asynchronously',
-          description:
-            'Stores the prompt and a queued reply, counts one prompt of the daily quota and queues the reply. Answers 202 with both messages and `Location` of the reply; poll it, stream it (`/stream`) or wait for it. `Idempotency-Key` makes a retried request return the first result.',
+          description: [
+            'Stores the prompt and a queued reply, counts one prompt of the daily quota (`X-RateLimit-*` headers) and queues the reply. Three ways to get the reply:',
+            '- default: 202 with both messages and `Location` of the reply; poll it or stream it (`/stream`);',
+            '- `?wait=N` (seconds, at most 60): 200 with the finished reply if it finishes in time, else the same 202;',
+            '- `Accept: text/event-stream`: the reply streamed on this response (an `accepted` event with both messages, then the events of `/stream`).',
+            '`Idempotency-Key` makes a retried request return the first result (header `Idempotent-Replayed: true`) without counting a prompt; the same key with a different request is 409.',
+          ].join('\n\n'),
           params: roomParams,
+          querystring: z.object({
+            wait: z.coerce
+              .number()
+              .int()
+              .min(0)
+              .max(60)
+              .optional()
+              .describe('Seconds to wait for the reply'),
+          }),
           headers: z.looseObject({
             'idempotency-key': z.string().min(1).max(255).optional(),
           }),
           body: z.object({ content: messageContent }),
           response: {
+            200: acceptedSchema.describe('The reply finished within `wait`'),
             202: acceptedSchema,
             ...errorResponses(
               'VALIDATION_FAILED',
@@ -260,7 +282,24 @@ export const chatRoutes =
           request.body.content,
           request.headers['idempotency-key'],
         );
-        return accepted(reply, request.params.id, result);
+        const body = accepted(reply, request.params.id, result);
+        if (reply.sse) {
+          reply.code(200);
+          await streamReply(replies, request, reply, result.assistantMessage, {
+            event: 'accepted',
+            data: body,
+          });
+          return;
+        }
+        const wait = request.query.wait ?? 0;
+        if (wait > 0) {
+          const finished = await waitForFinal(replies, result.assistantMessage.id, wait * 1000);
+          if (finished && !['queued', 'streaming'].includes(finished.status)) {
+            reply.code(200);
+            return { userMessage: body.userMessage, assistantMessage: toMessageDto(finished) };
+          }
+        }
+        return body;
       },
     );
 

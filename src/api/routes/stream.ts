@@ -1,0 +1,65 @@
+import type { FastifyReply, FastifyRequest } from 'fastify';
+import type { FastifyPluginAsyncZod } from 'fastify-type-provider-zod';
+import { z } from 'zod';
+import { type ReplyEventsDeps, type ReplySseEvent, replyEvents } from '../../chat/reply-events.js';
+import type { Container } from '../../container.js';
+import type { MessageRow } from '../../db/schema/index.js';
+import { caller, type Protected } from '../plugins/auth.js';
+import { bearer, errorResponses, messageParams } from '../schemas.js';
+
+/** Writes a reply's events to an SSE response until done, error or the client leaves. */
+export async function streamReply(
+  deps: ReplyEventsDeps,
+  request: FastifyRequest,
+  reply: FastifyReply,
+  message: MessageRow,
+  first?: ReplySseEvent,
+): Promise<void> {
+  const controller = new AbortController();
+  reply.sse.onClose(() => controller.abort());
+  request.raw.once('close', () => controller.abort());
+  const lastEventId = first ? null : reply.sse.lastEventId;
+  // Tells EventSource how soon to reconnect after a dropped connection.
+  await reply.sse.send({ data: {}, event: 'ready', retry: 2000 });
+  if (first) await reply.sse.send(first);
+  for await (const event of replyEvents(deps, message, lastEventId, controller.signal)) {
+    if (!reply.sse.isConnected) break;
+    await reply.sse.send(event);
+  }
+}
+
+export const streamRoutes =
+  (container: Container, authenticated: Protected, deps: ReplyEventsDeps): FastifyPluginAsyncZod =>
+  async (app) => {
+    app.get(
+      '/chatroom/:id/messages/:messageId/stream',
+      {
+        ...authenticated,
+        sse: 'manual',
+        schema: {
+          tags: ['Chatroom'],
+          security: bearer,
+          summary: 'Stream a reply as Server-Sent Events',
+          description: [
+            'Replays what the reply has produced so far, then follows it live. Events:',
+            '`ready` (connection open), `delta` `{ text }`, `reset` (discard the text received so far: a retry starts over), `done` (the final message, for completed, cancelled and blocked replies), `error` `{ code, message }` (a failed reply).',
+            'Every event has an `id`; reconnect with `Last-Event-ID` to resume right after it. A keep-alive comment is sent every 15 s. The reply keeps generating when the client disconnects.',
+          ].join('\n\n'),
+          params: messageParams,
+          headers: z.looseObject({ 'last-event-id': z.string().max(100).optional() }),
+          response: {
+            200: z.string().describe('text/event-stream'),
+            ...errorResponses('VALIDATION_FAILED', 'UNAUTHENTICATED', 'NOT_FOUND'),
+          },
+        },
+      },
+      async (request, reply) => {
+        const message = await container.chat.message(
+          caller(request).userId,
+          request.params.id,
+          request.params.messageId,
+        );
+        await streamReply(deps, request, reply, message);
+      },
+    );
+  };
