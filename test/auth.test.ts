@@ -708,6 +708,31 @@ describe('sessions', () => {
     }
     expect((await me(ctx.app, stranger.accessToken)).statusCode).toBe(200);
   });
+
+  it("signs out the session of a given refresh token, and refuses someone else's token", async () => {
+    const user = await signIn(ctx.app, { password: 'logout-other-pass' });
+    const phone = await login(ctx, user.mobile, 'logout-other-pass');
+    const stranger = await signIn(ctx.app);
+
+    const foreign = await post(
+      ctx.app,
+      '/auth/logout',
+      { refreshToken: stranger.refreshToken },
+      { headers: user.headers },
+    );
+    expectError(foreign, 404, 'NOT_FOUND');
+    expect((await me(ctx.app, stranger.accessToken)).statusCode).toBe(200);
+
+    const out = await post(
+      ctx.app,
+      '/auth/logout',
+      { refreshToken: phone.refreshToken },
+      { headers: user.headers },
+    );
+    expect(out.statusCode, out.body).toBe(204);
+    expectError(await me(ctx.app, phone.accessToken), 401, 'UNAUTHENTICATED');
+    expect((await me(ctx.app, user.accessToken)).statusCode).toBe(200);
+  });
 });
 
 describe('passwords', () => {

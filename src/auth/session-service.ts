@@ -153,6 +153,24 @@ export class SessionService {
     await this.markRevoked([sessionId]);
   }
 
+  /** Revokes the user's session that a refresh token belongs to; false when it is not theirs. */
+  async revokeByRefreshToken(
+    userId: string,
+    refreshToken: string,
+    reason: string,
+  ): Promise<boolean> {
+    const [row] = await this.o.db
+      .select({ sessionId: refreshTokens.sessionId })
+      .from(refreshTokens)
+      .innerJoin(sessions, eq(sessions.id, refreshTokens.sessionId))
+      .where(
+        and(eq(refreshTokens.tokenHash, sha256Hex(refreshToken)), eq(sessions.userId, userId)),
+      );
+    if (!row) return false;
+    await this.revoke(row.sessionId, reason);
+    return true;
+  }
+
   /** Revokes every live session of a user, optionally keeping one (the caller's). */
   async revokeAll(userId: string, reason: string, keepSessionId?: string, tx: DbOrTx = this.o.db) {
     const revoked = await tx

@@ -3,6 +3,7 @@ import type { FastifyPluginAsyncZod } from 'fastify-type-provider-zod';
 import { z } from 'zod';
 import { normalizeMobile } from '../../auth/phone.js';
 import type { Container } from '../../container.js';
+import { AppError } from '../../lib/errors.js';
 import { caller, type Protected } from '../plugins/auth.js';
 import {
   bearer,
@@ -225,7 +226,7 @@ export const authRoutes =
         schema: {
           tags,
           security: bearer,
-          summary: 'Sign out this session, or all of them',
+          summary: 'Sign out this session, the session of a refresh token, or all of them',
           body: z
             .object({
               refreshToken: z.string().max(200).optional(),
@@ -235,14 +236,27 @@ export const authRoutes =
             .nullish(),
           response: {
             204: z.null().describe('Signed out'),
-            ...errorResponses('VALIDATION_FAILED', 'UNAUTHENTICATED'),
+            ...errorResponses('VALIDATION_FAILED', 'UNAUTHENTICATED', 'NOT_FOUND'),
           },
         },
       },
       async (request, reply) => {
         const { userId, sessionId } = caller(request);
-        if (request.body?.all) await container.sessions.revokeAll(userId, 'logout_all');
-        else await container.sessions.revoke(sessionId, 'logout');
+        const body = request.body;
+        if (body?.all) await container.sessions.revokeAll(userId, 'logout_all');
+        else if (body?.refreshToken) {
+          // Signs out the session the refresh token belongs to (e.g. another device of the user).
+          const revoked = await container.sessions.revokeByRefreshToken(
+            userId,
+            body.refreshToken,
+            'logout',
+          );
+          if (!revoked)
+            throw new AppError({
+              code: 'NOT_FOUND',
+              message: 'No session of yours uses this refresh token',
+            });
+        } else await container.sessions.revoke(sessionId, 'logout');
         return reply.code(204).send(null);
       },
     );
