@@ -1,7 +1,9 @@
 import { randomUUID } from 'node:crypto';
+import { fileURLToPath } from 'node:url';
 import cors from '@fastify/cors';
 import helmet from '@fastify/helmet';
 import { fastifySSE } from '@fastify/sse';
+import fastifyStatic from '@fastify/static';
 import swagger from '@fastify/swagger';
 import swaggerUi from '@fastify/swagger-ui';
 import Fastify, { type FastifyBaseLogger, type FastifyInstance } from 'fastify';
@@ -15,6 +17,7 @@ import {
 import { ReplyHub } from '../chat/reply-hub.js';
 import type { Container } from '../container.js';
 import { errorCatalogue } from '../lib/errors.js';
+import { registerAdmin } from './plugins/admin.js';
 import { registerAuth } from './plugins/auth.js';
 import { registerErrorHandling } from './plugins/errors.js';
 import { registerMetrics } from './plugins/metrics.js';
@@ -27,6 +30,9 @@ import { streamRoutes } from './routes/stream.js';
 import { userRoutes } from './routes/user.js';
 
 export type App = FastifyInstance;
+
+/** The playground page; same relative path from `src/api` and `dist/api`. */
+const publicFolder = fileURLToPath(new URL('../../public', import.meta.url));
 
 const REQUEST_ID = /^[A-Za-z0-9._:-]{1,128}$/;
 
@@ -128,6 +134,15 @@ export async function buildApp(container: Container, options: BuildAppOptions = 
     transformObject: jsonSchemaTransformObject,
   });
   await app.register(swaggerUi, { routePrefix: '/docs', staticCSP: true });
+
+  await registerAdmin(app, container);
+  await app.register(fastifyStatic, {
+    root: publicFolder,
+    wildcard: false,
+    index: ['index.html'],
+    cacheControl: true,
+    maxAge: '5m',
+  });
 
   const authenticated = registerAuth(app, container);
   await registerRateLimit(app, container);
