@@ -80,7 +80,8 @@ export async function buildApp(container: Container, options: BuildAppOptions = 
     if (closing) reply.header('connection', 'close');
   });
 
-  registerErrorHandling(app);
+  registerErrorHandling(app, container.metrics);
+  container.metrics.watchQueues([container.replyQueue, container.maintenanceQueue]);
   registerMetrics(app, container.metrics);
 
   await app.register(helmet, {

@@ -29,7 +29,8 @@ function endpoint(apiBase: string): { host: string; port: number; protocol: 'htt
   const url = new URL(apiBase);
   const protocol = url.protocol === 'http:' ? 'http' : 'https';
   return {
-    host: url.hostname,
+    // `[::1]` in a URL is `::1` to the HTTP client.
+    host: url.hostname.replace(/^\[(.*)\]$/, '$1'),
     port: url.port ? Number(url.port) : protocol === 'http' ? 80 : 443,
     protocol,
   };

@@ -4,6 +4,7 @@ import {
   isResponseSerializationError,
 } from 'fastify-type-provider-zod';
 import { AppError, type ErrorCode, isConnectionError } from '../../lib/errors.js';
+import type { Metrics } from '../../lib/metrics.js';
 
 const statusCodes: Record<number, ErrorCode> = {
   400: 'MALFORMED_REQUEST',
@@ -91,9 +92,10 @@ export function sendError(request: FastifyRequest, reply: FastifyReply, error: A
     });
 }
 
-export function registerErrorHandling(app: FastifyInstance) {
+export function registerErrorHandling(app: FastifyInstance, metrics?: Metrics) {
   app.setErrorHandler((error, request, reply) => {
     const appError = toAppError(error);
+    metrics?.errors.inc({ code: appError.code });
     if (appError.status >= 500) {
       request.log.error({ err: error, code: appError.code }, 'request failed');
     } else if (appError.code === 'VALIDATION_FAILED' || appError.code === 'MALFORMED_REQUEST') {
