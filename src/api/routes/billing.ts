@@ -3,6 +3,7 @@ import { z } from 'zod';
 import { BillingService } from '../../billing/billing-service.js';
 import { rateLimitHeaders } from '../../billing/quota-service.js';
 import type { Container } from '../../container.js';
+import { AppError } from '../../lib/errors.js';
 import { caller, type Protected } from '../plugins/auth.js';
 import { bearer, errorResponses, isoDate, toIso, toIsoOrNull } from '../schemas.js';
 
@@ -182,10 +183,22 @@ export const billingRoutes =
         async (request) => {
           const body = Buffer.isBuffer(request.body) ? request.body : Buffer.alloc(0);
           const signature = request.headers['stripe-signature'];
-          const outcome = await billing.handleWebhook(
-            body,
-            typeof signature === 'string' ? signature : undefined,
-          );
+          const { webhookEvents } = container.metrics;
+          let outcome: Awaited<ReturnType<typeof billing.handleWebhook>>;
+          try {
+            outcome = await billing.handleWebhook(
+              body,
+              typeof signature === 'string' ? signature : undefined,
+            );
+          } catch (error) {
+            const rejected = error instanceof AppError && error.status < 500;
+            webhookEvents.inc({ type: 'unknown', outcome: rejected ? 'rejected' : 'failed' });
+            throw error;
+          }
+          webhookEvents.inc({
+            type: outcome.type,
+            outcome: outcome.duplicate ? 'duplicate' : 'processed',
+          });
           request.log.info(outcome, 'stripe webhook processed');
           return { received: true as const };
         },
