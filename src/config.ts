@@ -81,6 +81,7 @@ export const envSchema = z
     RATE_LIMIT_USER_PER_MINUTE: positiveInt.default(300),
     ROLE: z.enum(['all', 'api', 'worker']).default('all'),
     WORKER_CONCURRENCY: positiveInt.default(50),
+    WORKER_LOCK_SECONDS: positiveInt.default(30),
     REPLY_STALE_SECONDS: positiveInt.default(300),
     SWEEP_INTERVAL_SECONDS: positiveInt.default(30),
     REDIS_PREFIX: z.string().min(1).default('gc:'),
@@ -169,6 +170,8 @@ export interface Config {
   rateLimit: { publicPerMinute: number; userPerMinute: number };
   role: Env['ROLE'];
   workerConcurrency: number;
+  /** How long a worker's claim on a reply lasts without renewal (a killed worker's replies wait this long). */
+  workerLockSeconds: number;
   replyStaleSeconds: number;
   sweepIntervalSeconds: number;
   redisPrefix: string;
@@ -242,6 +245,7 @@ export function loadConfig(source: NodeJS.ProcessEnv = process.env): Config {
     },
     role: env.ROLE,
     workerConcurrency: env.WORKER_CONCURRENCY,
+    workerLockSeconds: env.WORKER_LOCK_SECONDS,
     replyStaleSeconds: env.REPLY_STALE_SECONDS,
     sweepIntervalSeconds: env.SWEEP_INTERVAL_SECONDS,
     redisPrefix: env.REDIS_PREFIX,

@@ -111,6 +111,7 @@ export async function createContainer(
   const maintenanceQueue = createMaintenanceQueue(redis, config.redisPrefix);
   const tierOf = (userId: string) => currentTier(db, userId, clock.now(), config.pastDueGraceDays);
   const limitFor = (tier: Tier) => (tier === 'pro' ? config.proDailyLimit : config.basicDailyLimit);
+  const metrics = new Metrics();
   const chat = new ChatService({
     db,
     chat: chatRepository,
@@ -121,6 +122,7 @@ export async function createContainer(
     cancelBus,
     clock,
     logger,
+    metrics,
     tierOf,
     limitFor,
   });
@@ -130,7 +132,7 @@ export async function createContainer(
     config,
     logger,
     clock,
-    metrics: new Metrics(),
+    metrics,
     database,
     redis,
     keys,

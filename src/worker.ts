@@ -26,10 +26,10 @@ export async function startWorker(
     concurrency: config.workerConcurrency,
     historyTokenBudget: config.llm.historyTokenBudget,
     retryBaseDelayMs: config.llm.retryBaseMs,
-    ...(tuning.lockDurationMs !== undefined ? { lockDurationMs: tuning.lockDurationMs } : {}),
-    ...(tuning.stalledIntervalMs !== undefined
-      ? { stalledIntervalMs: tuning.stalledIntervalMs }
-      : {}),
+    lockDurationMs: tuning.lockDurationMs ?? config.workerLockSeconds * 1000,
+    stalledIntervalMs:
+      tuning.stalledIntervalMs ?? Math.min(30_000, config.workerLockSeconds * 1000),
+    heartbeatMs: Math.max(1000, (config.replyStaleSeconds * 1000) / 3),
     chat: container.chatRepository,
     streams: container.streams,
     llm: container.llm,

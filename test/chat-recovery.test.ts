@@ -75,7 +75,13 @@ describe.concurrent('nothing accepted is lost', () => {
     const api = await context(cleanups, { databaseUrl: database.url, redisPrefix, env });
     const worker: ServiceProcess = spawnService(
       'src/main.ts',
-      testEnv({ ...env, ROLE: 'worker', DATABASE_URL: database.url, REDIS_PREFIX: redisPrefix }),
+      testEnv({
+        ...env,
+        ROLE: 'worker',
+        WORKER_LOCK_SECONDS: '3',
+        DATABASE_URL: database.url,
+        REDIS_PREFIX: redisPrefix,
+      }),
     );
     cleanups.push(() => worker.stop('SIGKILL'));
     await worker.waitForOutput(/service started/);
@@ -137,7 +143,7 @@ describe.concurrent('nothing accepted is lost', () => {
     const events = await second.container.streams.read(assistantMessage.id, '0');
     expect(events.filter((e) => e.event.type === 'done')).toHaveLength(1);
     expect(events.filter((e) => e.event.type === 'reset')).toHaveLength(1);
-  }, 60_000);
+  }, 90_000);
 
   it('queues a reply again from PostgreSQL after Redis is flushed, and the worker keeps working', async ({
     onTestFinished,

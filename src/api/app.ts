@@ -19,7 +19,7 @@ import type { Container } from '../container.js';
 import { errorCatalogue } from '../lib/errors.js';
 import { registerAdmin } from './plugins/admin.js';
 import { registerAuth } from './plugins/auth.js';
-import { registerErrorHandling } from './plugins/errors.js';
+import { registerErrorHandling, sendError, toAppError } from './plugins/errors.js';
 import { registerMetrics } from './plugins/metrics.js';
 import { registerRateLimit } from './plugins/rate-limit.js';
 import { authRoutes } from './routes/auth.js';
@@ -56,6 +56,12 @@ export async function buildApp(container: Container, options: BuildAppOptions = 
       return typeof given === 'string' && REQUEST_ID.test(given) ? given : randomUUID();
     },
     routerOptions: { ignoreTrailingSlash: true },
+    // Errors raised before routing (e.g. a malformed percent-encoding in the path) answer in the
+    // API's error shape too, instead of Fastify's default body.
+    frameworkErrors: (error, request, reply) => {
+      reply.header('x-request-id', request.id);
+      return sendError(request, reply, toAppError(error));
+    },
     // Lets in-flight requests finish on close while idle keep-alive sockets are dropped.
     forceCloseConnections: 'idle',
     return503OnClosing: true,

@@ -29,6 +29,14 @@ export const mobileInput = z
   .min(3)
   .max(32)
   .describe('E.164 (+919876543210) or a national number in DEFAULT_PHONE_REGION');
+/**
+ * Text that is stored: PostgreSQL `text` cannot hold U+0000, so it is refused here (400) rather
+ * than failing the insert (500).
+ */
+export const textInput = () =>
+  // biome-ignore lint/suspicious/noControlCharactersInRegex: U+0000 is the character refused.
+  z.string().regex(/^[^\u0000]*$/, 'must not contain NUL (U+0000) characters');
+
 export const passwordInput = z.string().min(8).max(128);
 export const otpInput = z.string().regex(/^\d{6}$/, 'must be 6 digits');
 

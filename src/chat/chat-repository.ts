@@ -22,10 +22,23 @@ export function encodeCursor(row: Pick<MessageRow, 'createdAt' | 'id'>): string 
   return Buffer.from(`${row.createdAt.toISOString()}|${row.id}`).toString('base64url');
 }
 
+const CURSOR_TIME = /^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z$/;
+const CURSOR_ID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/;
+
+/**
+ * Only what encodeCursor makes: anything else (a year PostgreSQL cannot read, a malformed uuid)
+ * would fail in the query as a 500 instead of answering 400.
+ */
 export function decodeCursor(cursor: string): MessageCursor | null {
-  const [at, id] = Buffer.from(cursor, 'base64url').toString('utf8').split('|');
-  const createdAt = at ? new Date(at) : undefined;
-  if (!createdAt || Number.isNaN(createdAt.getTime()) || !id || !/^[0-9a-f-]{36}$/.test(id)) {
+  const parts = Buffer.from(cursor, 'base64url').toString('utf8').split('|');
+  const [at, id] = parts;
+  if (parts.length !== 2 || !at || !id || !CURSOR_TIME.test(at) || !CURSOR_ID.test(id)) return null;
+  const createdAt = new Date(at);
+  if (
+    Number.isNaN(createdAt.getTime()) ||
+    createdAt.toISOString() !== at ||
+    at.startsWith('0000')
+  ) {
     return null;
   }
   return { createdAt, id };
@@ -91,8 +104,12 @@ export class ChatRepository {
     return row;
   }
 
+  /** Records activity at `at`; never moves a room's activity back (touches may commit late). */
   async touchRoom(roomId: string, at: Date, tx: DbOrTx = this.db) {
-    await tx.update(chatrooms).set({ lastActivityAt: at }).where(eq(chatrooms.id, roomId));
+    await tx
+      .update(chatrooms)
+      .set({ lastActivityAt: sql`greatest(${chatrooms.lastActivityAt}, ${at})` })
+      .where(eq(chatrooms.id, roomId));
   }
 
   /** A page of a room's messages, newest first, strictly before `before`. */
@@ -192,6 +209,14 @@ export class ChatRepository {
       .where(and(eq(messages.id, messageId), inArray(messages.status, PENDING_STATUSES)))
       .returning();
     return row;
+  }
+
+  /** Marks a pending reply as alive (the sweeper leaves recently touched replies alone). */
+  async touch(messageId: string, at: Date) {
+    await this.db
+      .update(messages)
+      .set({ updatedAt: at })
+      .where(and(eq(messages.id, messageId), inArray(messages.status, PENDING_STATUSES)));
   }
 
   /** Back to `queued` while a retry waits (only if still pending). */

@@ -6,6 +6,7 @@ import type { MessageRow } from '../db/schema/index.js';
 import type { Clock } from '../lib/clock.js';
 import { AppError, notFound } from '../lib/errors.js';
 import type { Logger } from '../lib/logger.js';
+import type { Metrics } from '../lib/metrics.js';
 import { type ReplyJob, replyJobOptions } from '../queue/queues.js';
 import type { CancelBus } from './cancel-bus.js';
 import { type ChatRepository, decodeCursor, PENDING_STATUSES } from './chat-repository.js';
@@ -26,6 +27,7 @@ export interface ChatServiceOptions {
   cancelBus: CancelBus;
   clock: Clock;
   logger: Logger;
+  metrics: Metrics;
   tierOf(userId: string): Promise<Tier>;
   limitFor(tier: Tier): number | null;
 }
@@ -92,7 +94,15 @@ export class ChatService {
     });
     await this.o.cache.invalidate(userId);
     for (const { id } of pending) {
+      await this.o.cancelBus.publish(id).catch(() => {});
       await this.o.replyQueue.remove(id).catch(() => {});
+      // The reply is gone with its room: open streams end now instead of idling.
+      await this.o.streams
+        .append(id, {
+          type: 'error',
+          data: { code: 'NOT_FOUND', message: 'The chatroom was deleted' },
+        })
+        .catch(() => {});
     }
   }
 
@@ -167,7 +177,6 @@ export class ChatService {
           ],
           tx,
         );
-        await this.o.chat.touchRoom(roomId, now, tx);
         return [prompt!, reply!];
       });
     } catch (error) {
@@ -181,7 +190,7 @@ export class ChatService {
     }
     const [userMessage, assistantMessage] = stored;
     await this.enqueue(assistantMessage.id);
-    await this.o.cache.invalidate(userId).catch(() => {});
+    await this.touch(userId, roomId, now);
     return { userMessage, assistantMessage, usage, replayed: false };
   }
 
@@ -210,7 +219,6 @@ export class ChatService {
           ],
           tx,
         );
-        await this.o.chat.touchRoom(roomId, now, tx);
         return row!;
       });
     } catch (error) {
@@ -218,7 +226,7 @@ export class ChatService {
       throw error;
     }
     await this.enqueue(reply.id);
-    await this.o.cache.invalidate(userId).catch(() => {});
+    await this.touch(userId, roomId, now);
     return { userMessage: prompt, assistantMessage: reply, usage, replayed: false };
   }
 
@@ -261,7 +269,27 @@ export class ChatService {
 
   private async reserve(userId: string) {
     const tier = await this.o.tierOf(userId);
-    return this.o.quota.reserve(userId, this.o.limitFor(tier));
+    try {
+      return await this.o.quota.reserve(userId, this.o.limitFor(tier));
+    } catch (error) {
+      if (error instanceof AppError && error.code === 'QUOTA_EXCEEDED') {
+        this.o.metrics.quotaRefusals.inc({ tier });
+      }
+      throw error;
+    }
+  }
+
+  /**
+   * Moves the room to the top of the list. Deliberately outside the accepting transaction: an
+   * update of the room row there made concurrent prompts to one room wait for each other's
+   * commit while holding pooled connections, and a burst answered 503. The prompt is already
+   * stored and queued, so a failure here only costs the room its place in the list.
+   */
+  private async touch(userId: string, roomId: string, at: Date) {
+    await this.o.chat.touchRoom(roomId, at).catch((error: unknown) => {
+      this.o.logger.warn({ roomId, err: (error as Error).message }, 'could not touch a room');
+    });
+    await this.o.cache.invalidate(userId).catch(() => {});
   }
 
   private async enqueue(messageId: string) {

@@ -12,6 +12,12 @@ export interface ReplySseEvent {
 }
 
 const STREAM_ID = /^\d{1,20}-\d{1,20}$/;
+const MAX_STREAM_ID_PART = 2n ** 64n - 1n;
+
+/** A Redis stream id (two unsigned 64-bit parts); anything else would make XREAD fail. */
+function isStreamId(id: string): boolean {
+  return STREAM_ID.test(id) && id.split('-').every((part) => BigInt(part) <= MAX_STREAM_ID_PART);
+}
 
 export interface ReplyEventsDeps {
   chat: ChatRepository;
@@ -47,7 +53,7 @@ export async function* replyEvents(
   idleMs = 15_000,
 ): AsyncGenerator<ReplySseEvent> {
   const resumed = lastEventId !== null && lastEventId !== '';
-  const from = lastEventId && STREAM_ID.test(lastEventId) ? lastEventId : '0-0';
+  const from = lastEventId && isStreamId(lastEventId) ? lastEventId : '0-0';
   if (FINAL_STATUSES.includes(message.status) && !(await deps.streams.exists(message.id))) {
     yield* fromDatabase(message, resumed);
     return;
@@ -57,7 +63,10 @@ export async function* replyEvents(
     if (entry === null) {
       const current = await deps.chat.findMessageById(message.id);
       if (!current) return;
-      if (FINAL_STATUSES.includes(current.status) && !(await deps.streams.exists(message.id))) {
+      // Final, and nothing after the client's position for idleMs: the stream has no more for
+      // it (it resumed after `done`, or from an id past the end), so end with PostgreSQL's state
+      // rather than wait until the stream expires.
+      if (FINAL_STATUSES.includes(current.status)) {
         yield* fromDatabase(current, sent);
         return;
       }

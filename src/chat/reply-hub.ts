@@ -25,6 +25,8 @@ export class ReplyHub {
   private clientId: number | undefined;
   private running = false;
   private idle: (() => void) | undefined;
+  /** Bumped when a stream is added; a read prepared before the bump is not sent. */
+  private version = 0;
 
   constructor(
     private readonly streams: ReplyStreams,
@@ -63,12 +65,16 @@ export class ReplyHub {
       }
       try {
         const connection = this.connection!;
+        const version = this.version;
         this.clientId ??= Number(await connection.client('ID'));
+        if (version !== this.version) continue;
+        // Short enough that a stream added just as the read is sent (the UNBLOCK arriving
+        // before the read blocks) waits at most this long.
         const result = await connection.xread(
           'COUNT',
           1,
           'BLOCK',
-          10_000,
+          2000,
           'STREAMS',
           ...keys.map((id) => this.streams.key(id)),
           ...keys.map((id) => this.cursors.get(id) ?? '0-0'),
@@ -92,6 +98,7 @@ export class ReplyHub {
       set = new Set();
       this.followers.set(messageId, set);
       this.cursors.set(messageId, fromId);
+      this.version++;
       this.interrupt();
     }
     set.add(follower);

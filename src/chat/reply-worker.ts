@@ -28,6 +28,8 @@ export interface ReplyWorkerOptions {
   /** BullMQ lock duration: how long a killed worker's job waits before another takes it. */
   lockDurationMs?: number;
   stalledIntervalMs?: number;
+  /** How often a streaming reply's `updated_at` is refreshed, so the sweeper sees it is alive. */
+  heartbeatMs?: number;
   chat: ChatRepository;
   streams: ReplyStreams;
   llm: LlmProvider;
@@ -130,7 +132,7 @@ export class ReplyWorker {
   private async process(job: Job<ReplyJob>): Promise<string> {
     const { messageId } = job.data;
     const reply = await this.o.chat.findMessageById(messageId);
-    if (!reply || reply.role !== 'assistant' || FINAL_STATUSES.includes(reply.status)) {
+    if (reply?.role !== 'assistant' || FINAL_STATUSES.includes(reply.status)) {
       return 'skipped';
     }
     if (reply.cancelRequestedAt) {
@@ -149,14 +151,22 @@ export class ReplyWorker {
     if (started.attempts > 1) await this.o.streams.append(reply.id, { type: 'reset', data: {} });
 
     const rows = await this.o.chat.history(prompt, HISTORY_ROWS);
-    const turns: LlmTurn[] = rows.map((row) => ({
-      role: row.role === 'user' ? 'user' : 'model',
-      text: row.content,
-    }));
+    const turns: LlmTurn[] = [];
+    for (const row of rows) {
+      const turn: LlmTurn = { role: row.role === 'user' ? 'user' : 'model', text: row.content };
+      // A regenerated prompt has several replies: the newest one carries the conversation on
+      // (and Gemini rejects consecutive turns of the same role).
+      if (turn.role === 'model' && turns.at(-1)?.role === 'model') turns[turns.length - 1] = turn;
+      else turns.push(turn);
+    }
     const history = fitHistory(turns, this.o.historyTokenBudget);
 
     const controller = new AbortController();
     this.active.set(reply.id, controller);
+    const heartbeat = setInterval(() => {
+      this.o.chat.touch(reply.id, this.o.clock.now()).catch(() => {});
+    }, this.o.heartbeatMs ?? 60_000);
+    heartbeat.unref();
     const startedAt = performance.now();
     let text = '';
     let model = this.o.llm.model;
@@ -170,6 +180,9 @@ export class ReplyWorker {
         signal: controller.signal,
       })) {
         if (event.type === 'delta') {
+          if (text === '') {
+            this.o.metrics.llmFirstToken.observe({ model }, (performance.now() - startedAt) / 1000);
+          }
           text += event.text;
           await this.o.streams.append(reply.id, { type: 'delta', data: { text: event.text } });
         } else {
@@ -177,6 +190,12 @@ export class ReplyWorker {
           usage = event.usage;
           finishReason = event.finishReason;
         }
+      }
+      const { llmTotal, llmTokens } = this.o.metrics;
+      llmTotal.observe({ model }, (performance.now() - startedAt) / 1000);
+      if (usage) {
+        llmTokens.inc({ model, kind: 'prompt' }, usage.promptTokens);
+        llmTokens.inc({ model, kind: 'completion' }, usage.completionTokens);
       }
       await this.finish(reply.id, {
         status: 'completed',
@@ -190,6 +209,7 @@ export class ReplyWorker {
     } catch (error) {
       return await this.handleFailure(job, reply, error, text, model, startedAt);
     } finally {
+      clearInterval(heartbeat);
       this.active.delete(reply.id);
       this.cancelled.delete(reply.id);
     }

@@ -17,9 +17,10 @@ export interface DatabaseHandle {
 export function createDatabase(url: string, options: { max?: number } = {}): DatabaseHandle {
   const pool = new pg.Pool({
     connectionString: url,
-    max: options.max ?? 20,
-    // Fail fast while PostgreSQL is down so requests answer 503 instead of waiting.
-    connectionTimeoutMillis: 2000,
+    max: options.max ?? 30,
+    // A refused connection (PostgreSQL down) fails at once either way; this bounds a connection
+    // attempt to an unreachable host and the wait for a free client under a burst.
+    connectionTimeoutMillis: 5000,
     idleTimeoutMillis: 30_000,
     application_name: 'gemini-chat',
   });

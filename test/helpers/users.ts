@@ -64,6 +64,68 @@ function unsignedToken(userId: string) {
   return `${encode({ alg: 'none', typ: 'JWT' })}.${encode({ sub: userId, sid: userId, iat: now, exp: now + 600, iss: 'gemini-chat', aud: 'gemini-chat-api' })}.`;
 }
 
+/** Signs an access token as the app would, with overrides to make it bad in one way. */
+export async function signAccessToken(
+  config: Config,
+  userId: string,
+  sessionId: string,
+  overrides: { exp?: number; aud?: string; key?: Uint8Array } = {},
+): Promise<string> {
+  const now = Math.floor(Date.now() / 1000);
+  return new SignJWT({ sid: sessionId })
+    .setProtectedHeader({ alg: 'HS256' })
+    .setSubject(userId)
+    .setIssuer(config.jwt.issuer)
+    .setAudience(overrides.aud ?? config.jwt.audience)
+    .setIssuedAt(now - 3600)
+    .setExpirationTime(overrides.exp ?? now + 600)
+    .sign(overrides.key ?? config.jwt.secret);
+}
+
+/** The session id (`sid`) of an access token. */
+export function sessionIdOf(accessToken: string): string {
+  const [, payload] = accessToken.split('.');
+  return JSON.parse(Buffer.from(payload!, 'base64url').toString()).sid as string;
+}
+
+/**
+ * Authorization headers that must all be refused with 401: no token, a malformed header,
+ * garbage, a tampered, an expired, a wrong-audience, a wrong-key (forged) and an unsigned
+ * (`alg: none`) token of `user`; `extra` adds more (e.g. the token of a revoked session).
+ */
+export async function badTokenCases(
+  config: Config,
+  user: Pick<SignedInUser, 'id' | 'accessToken'>,
+  extra: Array<[string, string]> = [],
+): Promise<Array<[string, Record<string, string>]>> {
+  const sid = sessionIdOf(user.accessToken);
+  const tampered = user.accessToken.slice(0, -2) + (user.accessToken.endsWith('AA') ? 'BB' : 'AA');
+  const bearer = (token: string) => ({ authorization: `Bearer ${token}` });
+  return [
+    ['no token', {}],
+    ['malformed header', { authorization: `Token ${user.accessToken}` }],
+    ['garbage', { authorization: 'Bearer not-a-jwt' }],
+    ['tampered', bearer(tampered)],
+    [
+      'expired',
+      bearer(
+        await signAccessToken(config, user.id, sid, { exp: Math.floor(Date.now() / 1000) - 60 }),
+      ),
+    ],
+    ['wrong audience', bearer(await signAccessToken(config, user.id, sid, { aud: 'someone-else' }))],
+    [
+      'wrong key',
+      bearer(
+        await signAccessToken(config, user.id, sid, {
+          key: new TextEncoder().encode('x'.repeat(40)),
+        }),
+      ),
+    ],
+    ['alg none', bearer(unsignedToken(user.id))],
+    ...extra.map(([name, token]): [string, Record<string, string>] => [name, bearer(token)]),
+  ];
+}
+
 /**
  * The checks every protected route must pass: no token, a malformed header, a tampered, an
  * expired, an unsigned (`alg: none`), a wrong-audience and a wrong-key token all answer 401
@@ -73,54 +135,11 @@ export function itRejectsBadTokens(
   getContext: () => { app: App; config: Config; user: SignedInUser },
   routes: ProtectedRoute[],
 ) {
-  const sign = async (
-    config: Config,
-    userId: string,
-    sessionId: string,
-    overrides: { exp?: number; aud?: string; key?: Uint8Array } = {},
-  ) => {
-    const now = Math.floor(Date.now() / 1000);
-    return new SignJWT({ sid: sessionId })
-      .setProtectedHeader({ alg: 'HS256' })
-      .setSubject(userId)
-      .setIssuer(config.jwt.issuer)
-      .setAudience(overrides.aud ?? config.jwt.audience)
-      .setIssuedAt(now - 3600)
-      .setExpirationTime(overrides.exp ?? now + 600)
-      .sign(overrides.key ?? config.jwt.secret);
-  };
-
   for (const route of routes) {
     const label = `${route.method} ${typeof route.url === 'string' ? route.url : 'route'}`;
     it(`${label} refuses missing, malformed, expired, tampered, unsigned and foreign tokens`, async () => {
       const { app, config, user } = getContext();
-      const [, payload] = user.accessToken.split('.');
-      const sid = JSON.parse(Buffer.from(payload!, 'base64url').toString()).sid as string;
-      const tampered =
-        user.accessToken.slice(0, -2) + (user.accessToken.endsWith('AA') ? 'BB' : 'AA');
-      const cases: Array<[string, Record<string, string>]> = [
-        ['no token', {}],
-        ['malformed header', { authorization: `Token ${user.accessToken}` }],
-        ['garbage', { authorization: 'Bearer not-a-jwt' }],
-        ['tampered', { authorization: `Bearer ${tampered}` }],
-        [
-          'expired',
-          {
-            authorization: `Bearer ${await sign(config, user.id, sid, { exp: Math.floor(Date.now() / 1000) - 60 })}`,
-          },
-        ],
-        [
-          'wrong audience',
-          { authorization: `Bearer ${await sign(config, user.id, sid, { aud: 'someone-else' })}` },
-        ],
-        [
-          'wrong key',
-          {
-            authorization: `Bearer ${await sign(config, user.id, sid, { key: new TextEncoder().encode('x'.repeat(40)) })}`,
-          },
-        ],
-        ['alg none', { authorization: `Bearer ${unsignedToken(user.id)}` }],
-      ];
+      const cases = await badTokenCases(config, user);
       for (const [name, headers] of cases) {
         const url = typeof route.url === 'string' ? route.url : route.url();
         const res = await app.inject({

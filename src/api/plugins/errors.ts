@@ -96,8 +96,12 @@ export function registerErrorHandling(app: FastifyInstance, metrics?: Metrics) {
   app.setErrorHandler((error, request, reply) => {
     const appError = toAppError(error);
     metrics?.errors.inc({ code: appError.code });
-    if (appError.status >= 500) {
+    if (appError.code === 'INTERNAL' || appError.code === 'BAD_GATEWAY') {
       request.log.error({ err: error, code: appError.code }, 'request failed');
+    } else if (appError.status >= 500) {
+      // Expected states (a dependency down, billing not set up): no stack trace needed.
+      const cause = appError.cause instanceof Error ? appError.cause.message : undefined;
+      request.log.warn({ code: appError.code, cause }, appError.message);
     } else if (appError.code === 'VALIDATION_FAILED' || appError.code === 'MALFORMED_REQUEST') {
       request.log.info({ code: appError.code, details: appError.details }, 'request rejected');
     }

@@ -11,6 +11,7 @@ import {
   mobileInput,
   otpInput,
   passwordInput,
+  textInput,
   tokenPairSchema,
   userSchema,
 } from '../schemas.js';
@@ -45,7 +46,7 @@ export const authRoutes =
             'Creates an unverified user; the first successful /auth/verify-otp verifies it. A number that was registered but never verified can be registered again.',
           body: z.object({
             mobile: mobileInput,
-            name: z.string().trim().min(1).max(100).optional(),
+            name: textInput().trim().min(1).max(100).optional(),
             email: z.email().max(254).optional(),
             password: passwordInput.optional(),
           }),

@@ -15,20 +15,19 @@ import {
   messageParams,
   messageSchema,
   roomParams,
+  textInput,
 } from '../schemas.js';
 import { streamReply } from './stream.js';
 
-const roomName = z.string().trim().min(1).max(100);
-const systemInstruction = z
-  .string()
+const roomName = textInput().trim().min(1).max(100);
+const systemInstruction = textInput()
   .trim()
   .max(4000)
   .nullable()
   .describe('Optional instruction sent to the model with every prompt of this room');
 const pageLimit = z.coerce.number().int().min(1).max(100).default(50);
 
-export const messageContent = z
-  .string()
+export const messageContent = textInput()
   .max(32_000)
   .refine((value) => value.trim().length > 0, 'must not be blank')
   .describe('1 to 32,000 characters');
@@ -261,7 +260,14 @@ export const chatRoutes =
           }),
           body: z.object({ content: messageContent }),
           response: {
-            200: acceptedSchema.describe('The reply finished within `wait`'),
+            200: {
+              description:
+                'The reply finished within `wait` (JSON), or the reply streamed (`Accept: text/event-stream`)',
+              content: {
+                'application/json': { schema: acceptedSchema },
+                'text/event-stream': { schema: z.string() },
+              },
+            },
             202: acceptedSchema,
             ...errorResponses(
               'VALIDATION_FAILED',

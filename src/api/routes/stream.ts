@@ -16,15 +16,22 @@ export async function streamReply(
   first?: ReplySseEvent,
 ): Promise<void> {
   const controller = new AbortController();
+  const closed = new Promise<void>((resolve) => {
+    controller.signal.addEventListener('abort', () => resolve(), { once: true });
+  });
   reply.sse.onClose(() => controller.abort());
   request.raw.once('close', () => controller.abort());
+  // @fastify/sse waits for 'drain' when the socket is full but not for 'close': a slow client
+  // that leaves would hold this loop (and its stream follower) forever without the race.
+  const send = (event: Parameters<typeof reply.sse.send>[0]) =>
+    Promise.race([reply.sse.send(event), closed]);
   const lastEventId = first ? null : reply.sse.lastEventId;
   // Tells EventSource how soon to reconnect after a dropped connection.
-  await reply.sse.send({ data: {}, event: 'ready', retry: 2000 });
-  if (first) await reply.sse.send(first);
+  await send({ data: {}, event: 'ready', retry: 2000 });
+  if (first) await send(first);
   for await (const event of replyEvents(deps, message, lastEventId, controller.signal)) {
-    if (!reply.sse.isConnected) break;
-    await reply.sse.send(event);
+    if (!reply.sse.isConnected || controller.signal.aborted) break;
+    await send(event);
   }
 }
 
@@ -48,7 +55,10 @@ export const streamRoutes =
           params: messageParams,
           headers: z.looseObject({ 'last-event-id': z.string().max(100).optional() }),
           response: {
-            200: z.string().describe('text/event-stream'),
+            200: {
+              description: 'The reply as Server-Sent Events',
+              content: { 'text/event-stream': { schema: z.string() } },
+            },
             ...errorResponses('VALIDATION_FAILED', 'UNAUTHENTICATED', 'NOT_FOUND'),
           },
         },

@@ -5,7 +5,7 @@ import type { Container } from '../../container.js';
 import type { UserRow } from '../../db/schema/index.js';
 import { AppError } from '../../lib/errors.js';
 import { caller, type Protected } from '../plugins/auth.js';
-import { bearer, errorResponses, toIso, userSchema } from '../schemas.js';
+import { bearer, errorResponses, textInput, toIso, userSchema } from '../schemas.js';
 
 export function toUserDto(user: UserRow, tier: Tier): z.infer<typeof userSchema> {
   return {
@@ -59,7 +59,7 @@ export const userRoutes =
           summary: 'Update name and email',
           body: z
             .object({
-              name: z.string().trim().min(1).max(100).nullable().optional(),
+              name: textInput().trim().min(1).max(100).nullable().optional(),
               email: z.email().max(254).nullable().optional(),
             })
             .refine((b) => b.name !== undefined || b.email !== undefined, 'give name or email'),
