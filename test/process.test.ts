@@ -1,10 +1,11 @@
+import { spawn } from 'node:child_process';
 import { readMigrationFiles } from 'drizzle-orm/migrator';
 import pg from 'pg';
 import { afterEach, describe, expect, inject, it } from 'vitest';
 import { migrationsFolder } from '../src/db/migrate.js';
 import { createTestDatabase, testEnv, testRedisPrefix } from './helpers/context.js';
 import { PG_BASE_URL } from './helpers/env.js';
-import { type ServiceProcess, spawnService } from './helpers/process.js';
+import { repoRoot, type ServiceProcess, spawnService } from './helpers/process.js';
 import { getFreePort } from './helpers/redis-instance.js';
 
 const running: ServiceProcess[] = [];
@@ -22,6 +23,52 @@ function start(entry: string, env: Record<string, string>) {
 }
 
 describe('the service process', () => {
+  it('builds and serves /readyz with `npm start`', async () => {
+    const db = await createTestDatabase();
+    cleanups.push(db.drop);
+    const port = await getFreePort();
+    const child = spawn('npm', ['start', '--silent'], {
+      cwd: repoRoot,
+      env: {
+        PATH: process.env.PATH ?? '',
+        HOME: process.env.HOME ?? '/tmp',
+        ...testEnv({
+          DATABASE_URL: db.url,
+          REDIS_PREFIX: testRedisPrefix(),
+          PORT: String(port),
+          HOST: '127.0.0.1',
+        }),
+      },
+      stdio: ['ignore', 'pipe', 'pipe'],
+      detached: true,
+    });
+    let output = '';
+    const collect = (chunk: Buffer) => {
+      output += chunk.toString();
+    };
+    child.stdout?.on('data', collect);
+    child.stderr?.on('data', collect);
+    const exited = new Promise<void>((resolve) => child.once('close', () => resolve()));
+    try {
+      const deadline = Date.now() + 60_000;
+      let status = 0;
+      while (Date.now() < deadline && status !== 200) {
+        status = await fetch(`http://127.0.0.1:${port}/readyz`).then(
+          (r) => r.status,
+          () => 0,
+        );
+        if (status !== 200) await new Promise((resolve) => setTimeout(resolve, 250));
+      }
+      expect(status).toBe(200);
+    } finally {
+      // npm runs the service as its child: signal the whole group.
+      process.kill(-child.pid!, 'SIGTERM');
+    }
+    await exited;
+    // npm itself ends by the signal; the service inside it shut down cleanly.
+    expect(output).toMatch(/shutdown complete/);
+  }, 90_000);
+
   it('refuses a bad PORT with a message naming PORT', async () => {
     const proc = start('src/main.ts', testEnv({ PORT: 'abc' }));
     expect(await proc.exited).not.toBe(0);
