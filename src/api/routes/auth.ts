@@ -1,6 +1,7 @@
 import type { FastifyRequest } from 'fastify';
 import type { FastifyPluginAsyncZod } from 'fastify-type-provider-zod';
 import { z } from 'zod';
+import type { OtpPurpose } from '../../auth/otp-service.js';
 import { normalizeMobile } from '../../auth/phone.js';
 import type { Container } from '../../container.js';
 import { AppError } from '../../lib/errors.js';
@@ -63,22 +64,30 @@ export const authRoutes =
       },
     );
 
-    app.post(
-      '/auth/send-otp',
-      {
-        schema: {
-          tags,
-          summary: 'Send a sign-in code',
-          description:
-            'Codes are 6 digits, valid 5 minutes, single use, and die after 5 wrong tries. One code per number every 60 s, at most 10 an hour.',
-          body: z.object({ mobile: mobileInput }),
-          response: {
-            200: otpSent,
-            ...errorResponses('VALIDATION_FAILED', 'NOT_FOUND', 'RATE_LIMITED'),
+    /** send-otp and forgot-password: the same answer, a code of a different purpose. */
+    const codeRoute = (url: string, purpose: OtpPurpose, summary: string, description: string) =>
+      app.post(
+        url,
+        {
+          schema: {
+            tags,
+            summary,
+            description,
+            body: z.object({ mobile: mobileInput }),
+            response: {
+              200: otpSent,
+              ...errorResponses('VALIDATION_FAILED', 'NOT_FOUND', 'RATE_LIMITED'),
+            },
           },
         },
-      },
-      async (request) => auth.sendOtp(mobile(request.body.mobile), 'signin'),
+        async (request) => auth.sendOtp(mobile(request.body.mobile), purpose),
+      );
+
+    codeRoute(
+      '/auth/send-otp',
+      'signin',
+      'Send a sign-in code',
+      'Codes are 6 digits, valid 5 minutes, single use, and die after 5 wrong tries. One code per number and purpose every 60 s, at most 10 an hour.',
     );
 
     app.post(
@@ -104,21 +113,11 @@ export const authRoutes =
       },
     );
 
-    app.post(
+    codeRoute(
       '/auth/forgot-password',
-      {
-        schema: {
-          tags,
-          summary: 'Send a password-reset code',
-          description: 'The code works only with /auth/reset-password.',
-          body: z.object({ mobile: mobileInput }),
-          response: {
-            200: otpSent,
-            ...errorResponses('VALIDATION_FAILED', 'NOT_FOUND', 'RATE_LIMITED'),
-          },
-        },
-      },
-      async (request) => auth.sendOtp(mobile(request.body.mobile), 'reset'),
+      'reset',
+      'Send a password-reset code',
+      'The code works only with /auth/reset-password; the same limits as sign-in codes apply.',
     );
 
     app.post(
