@@ -112,7 +112,10 @@ export async function badTokenCases(
         await signAccessToken(config, user.id, sid, { exp: Math.floor(Date.now() / 1000) - 60 }),
       ),
     ],
-    ['wrong audience', bearer(await signAccessToken(config, user.id, sid, { aud: 'someone-else' }))],
+    [
+      'wrong audience',
+      bearer(await signAccessToken(config, user.id, sid, { aud: 'someone-else' })),
+    ],
     [
       'wrong key',
       bearer(

@@ -256,7 +256,10 @@ export const chatRoutes =
               .describe('Seconds to wait for the reply'),
           }),
           headers: z.looseObject({
-            'idempotency-key': z.string().min(1).max(255).optional(),
+            'idempotency-key': z
+              .string()
+              .regex(/^[\x20-\x7e]{1,255}$/, 'must be 1 to 255 printable ASCII characters')
+              .optional(),
           }),
           body: z.object({ content: messageContent }),
           response: {
