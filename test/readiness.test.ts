@@ -6,6 +6,7 @@ import { createLogger } from '../src/lib/logger.js';
 import { createTestContext, type TestContext, testEnv } from './helpers/context.js';
 import { type PostgresInstance, startPostgresInstance } from './helpers/postgres-instance.js';
 import { type RedisInstance, startRedisInstance } from './helpers/redis-instance.js';
+import { signIn } from './helpers/users.js';
 
 const cleanups: Array<() => Promise<void>> = [];
 afterAll(async () => {
@@ -65,6 +66,7 @@ describe('readiness follows the backing services', () => {
       await container.close();
     });
     expect((await readyz({ app })).res.statusCode).toBe(200);
+    const user = await signIn(app);
 
     await postgres.stop();
     const down = await readyz({ app });
@@ -73,6 +75,13 @@ describe('readiness follows the backing services', () => {
     expect(down.res.json()).toMatchObject({
       error: { code: 'UNAVAILABLE', details: { checks: { postgres: 'unavailable', redis: 'ok' } } },
     });
+    // A route that needs the database answers 503 too, never a 500.
+    const started = performance.now();
+    const rooms = await app.inject({ method: 'GET', url: '/chatroom', headers: user.headers });
+    expect(rooms.statusCode, rooms.body).toBe(503);
+    expect(rooms.json().error.code).toBe('UNAVAILABLE');
+    expect(rooms.headers['retry-after']).toBeDefined();
+    expect(performance.now() - started).toBeLessThan(2000);
 
     await postgres.start();
     await eventually(async () => (await readyz({ app })).res.statusCode === 200);

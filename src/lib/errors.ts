@@ -70,9 +70,13 @@ export const unavailable = (what: string, cause?: unknown) =>
     cause,
   });
 
-/** Errors raised by `pg` or ioredis when the server cannot be reached or the link dropped. */
-export function isConnectionError(error: unknown): boolean {
-  if (!(error instanceof Error)) return false;
+/**
+ * Errors raised by `pg` or ioredis when the server cannot be reached or the link dropped. The
+ * cause chain is followed: Drizzle wraps the driver's error in one of its own.
+ */
+export function isConnectionError(error: unknown, depth = 0): boolean {
+  if (!(error instanceof Error) || depth > 5) return false;
+  if (error.cause !== undefined && isConnectionError(error.cause, depth + 1)) return true;
   const code = (error as { code?: unknown }).code;
   if (
     typeof code === 'string' &&
@@ -93,7 +97,7 @@ export function isConnectionError(error: unknown): boolean {
   ) {
     return true;
   }
-  return /Connection terminated|connection timeout|timeout exceeded when trying to connect|Connection is closed|Stream isn't writeable|MaxRetriesPerRequest|Reached the max retries|ECONNREFUSED|Command timed out/i.test(
+  return /Connection terminated|connection timeout|timeout exceeded when trying to connect|Connection is closed|Stream isn't writeable|MaxRetriesPerRequest|Reached the max retries|ECONNREFUSED|Command timed out|terminating connection due to administrator command|the database system is (shutting down|starting up|in recovery mode)/i.test(
     error.message,
   );
 }
