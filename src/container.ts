@@ -4,7 +4,7 @@ import { OtpService } from './auth/otp-service.js';
 import { SessionService } from './auth/session-service.js';
 import { TokenService } from './auth/token-service.js';
 import { QuotaService } from './billing/quota-service.js';
-import { currentTier, type Tier } from './billing/tier.js';
+import { currentTier, type Tier, tierOf as tierFromRows } from './billing/tier.js';
 import { CancelBus } from './chat/cancel-bus.js';
 import { ChatRepository } from './chat/chat-repository.js';
 import { ChatService } from './chat/chat-service.js';
@@ -13,6 +13,7 @@ import { RoomListCache } from './chat/room-list-cache.js';
 import type { Config } from './config.js';
 import { createDatabase, type DatabaseHandle, ensureDatabase } from './db/client.js';
 import { runMigrations } from './db/migrate.js';
+import type { SubscriptionRow } from './db/schema/index.js';
 import { type Clock, systemClock } from './lib/clock.js';
 import type { Logger } from './lib/logger.js';
 import { Metrics } from './lib/metrics.js';
@@ -45,6 +46,8 @@ export interface Container {
   llm: LlmProvider;
   /** The user's tier, read fresh from the database. */
   tierOf(userId: string): Promise<Tier>;
+  /** The tier that subscriptions just read from the database give (see `tierOf`). */
+  tierFrom(subscriptions: SubscriptionRow[]): Tier;
   /** Daily prompt limit of a tier; null is unlimited. */
   limitFor(tier: Tier): number | null;
   close(): Promise<void>;
@@ -110,6 +113,8 @@ export async function createContainer(
   const replyQueue = createReplyQueue(redis, config.redisPrefix);
   const maintenanceQueue = createMaintenanceQueue(redis, config.redisPrefix);
   const tierOf = (userId: string) => currentTier(db, userId, clock.now(), config.pastDueGraceDays);
+  const tierFrom = (rows: SubscriptionRow[]) =>
+    tierFromRows(rows, clock.now(), config.pastDueGraceDays);
   const limitFor = (tier: Tier) => (tier === 'pro' ? config.proDailyLimit : config.basicDailyLimit);
   const metrics = new Metrics();
   const chat = new ChatService({
@@ -150,6 +155,7 @@ export async function createContainer(
     maintenanceQueue,
     llm,
     tierOf,
+    tierFrom,
     limitFor,
     close: async () => {
       await replyQueue.close().catch(() => {});

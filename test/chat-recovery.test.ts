@@ -1,4 +1,5 @@
 import { describe, expect, it, type TestContext as TestContextHooks } from 'vitest';
+import { startWorker } from '../src/worker.js';
 import { createRoom, sendMessage, waitForReply } from './helpers/chat.js';
 import {
   createTestContext,
@@ -205,4 +206,46 @@ describe.concurrent('nothing accepted is lost', () => {
     );
     expect(afterReply.status).toBe('completed');
   }, 30_000);
+});
+
+describe('a reply cancelled after its worker died', () => {
+  it('keeps the text its stream had shown, and ends the stream with done', async ({
+    onTestFinished,
+  }) => {
+    const cleanups = cleanupsOf(onTestFinished);
+    const fake = await fakeGemini(cleanups);
+    // No worker yet: the reply waits in the queue while we stage a crashed attempt.
+    const ctx = await context(cleanups, { env: geminiEnv(fake) });
+    const user = await signIn(ctx.app);
+    const room = await createRoom(ctx.app, user);
+    const res = await sendMessage(ctx.app, user, room.id, 'Cancel me after a crash');
+    expect(res.statusCode, res.body).toBe(202);
+    const id: string = res.json().assistantMessage.id;
+
+    // What a killed worker leaves behind: streamed text, a reset before a retry, more text.
+    const { streams, database } = ctx.container;
+    await streams.append(id, { type: 'delta', data: { text: 'first try' } });
+    await streams.append(id, { type: 'reset', data: {} });
+    await streams.append(id, { type: 'delta', data: { text: 'Hello ' } });
+    await streams.append(id, { type: 'delta', data: { text: 'wor' } });
+    await database.pool.query(
+      `update messages set status = 'streaming', attempts = 2, cancel_requested_at = now() where id = $1`,
+      [id],
+    );
+
+    const worker = await startWorker(ctx.container, {
+      lockDurationMs: 2000,
+      stalledIntervalMs: 500,
+    });
+    cleanups.push(() => worker.close(2000));
+    const reply = await waitForReply(ctx.app, user, room.id, id);
+    expect(reply.status).toBe('cancelled');
+    expect(reply.content).toBe('Hello wor');
+    expect(fake.requests).toHaveLength(0);
+    const entries = await streams.read(id, '0-0');
+    expect(entries.at(-1)?.event).toMatchObject({
+      type: 'done',
+      data: { status: 'cancelled', content: 'Hello wor' },
+    });
+  });
 });

@@ -1,4 +1,4 @@
-import { desc, eq } from 'drizzle-orm';
+import { desc, eq, sql } from 'drizzle-orm';
 import type { DbOrTx } from '../db/client.js';
 import { type SubscriptionRow, subscriptions } from '../db/schema/index.js';
 
@@ -28,13 +28,26 @@ export function tierOf(
   return 'basic';
 }
 
-/** The user's subscriptions, newest first; read fresh on every request (never from a token). */
-export async function loadSubscriptions(db: DbOrTx, userId: string): Promise<SubscriptionRow[]> {
+function prepare(db: DbOrTx) {
   return db
     .select()
     .from(subscriptions)
-    .where(eq(subscriptions.userId, userId))
-    .orderBy(desc(subscriptions.updatedAt));
+    .where(eq(subscriptions.userId, sql.placeholder('userId')))
+    .orderBy(desc(subscriptions.updatedAt))
+    .prepare('tier_subscriptions');
+}
+
+/** Built once per database handle (it runs on every prompt and every `GET /user/me`). */
+const statements = new WeakMap<DbOrTx, ReturnType<typeof prepare>>();
+
+/** The user's subscriptions, newest first; read fresh on every request (never from a token). */
+export async function loadSubscriptions(db: DbOrTx, userId: string): Promise<SubscriptionRow[]> {
+  let statement = statements.get(db);
+  if (!statement) {
+    statement = prepare(db);
+    statements.set(db, statement);
+  }
+  return statement.execute({ userId });
 }
 
 export async function currentTier(db: DbOrTx, userId: string, now: Date, graceDays: number) {

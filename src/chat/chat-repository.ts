@@ -1,4 +1,5 @@
-import { and, asc, desc, eq, inArray, isNull, lt, or, sql } from 'drizzle-orm';
+import { and, asc, desc, eq, inArray, isNull, lt, or, type SQL, sql } from 'drizzle-orm';
+import { alias } from 'drizzle-orm/pg-core';
 import type { Database, DbOrTx } from '../db/client.js';
 import {
   type ChatroomRow,
@@ -53,8 +54,160 @@ export interface FinalOutcome {
   error?: MessageError | null;
 }
 
+/** The prompt a reply answers, joined to the reply (messages twice in one query). */
+const prompts = alias(messages, 'prompt');
+
+/**
+ * A named value of a prepared statement. In `set()` drizzle binds it to the column, so it is
+ * encoded as the column encodes when the statement runs (null included: not for JSON columns).
+ */
+const param = (name: string) => sql.placeholder(name) as unknown as SQL;
+
+/**
+ * A condition that is always true and makes the statement's own transaction commit without
+ * waiting for the WAL flush (`synchronous_commit = off`, local to that transaction). Only for
+ * bookkeeping whose loss in a PostgreSQL crash is harmless: a reply's move to `streaming` and its
+ * heartbeat (it would read `queued` again and be finished or re-queued as usual), a room's
+ * activity time. A later synchronous commit (every final reply) flushes these too. It halves the
+ * WAL flushes a reply waits for, which bounded how fast one worker drains its queue.
+ */
+const relaxedCommit = sql`set_config('synchronous_commit', 'off', true) = 'off'`;
+
+/**
+ * The statements of the hot paths (accepting a prompt, generating a reply), built once and
+ * prepared by name on each pooled connection: drizzle builds a query's SQL anew on every call,
+ * which was the largest CPU cost of the reply worker, and PostgreSQL skips parsing and planning.
+ */
+function prepareStatements(db: Database) {
+  const pending = inArray(messages.status, PENDING_STATUSES);
+  return {
+    findRoom: db
+      .select()
+      .from(chatrooms)
+      .where(
+        and(
+          eq(chatrooms.id, sql.placeholder('roomId')),
+          eq(chatrooms.userId, sql.placeholder('userId')),
+        ),
+      )
+      .prepare('chat_find_room'),
+    touchRoom: db
+      .update(chatrooms)
+      .set({
+        lastActivityAt: sql`greatest(${chatrooms.lastActivityAt}, ${sql.placeholder('at')}::timestamptz)`,
+      })
+      .where(and(eq(chatrooms.id, sql.placeholder('roomId')), relaxedCommit))
+      .prepare('chat_touch_room'),
+    insertPromptAndReply: db
+      .insert(messages)
+      .values([
+        {
+          id: sql.placeholder('promptId'),
+          chatroomId: sql.placeholder('roomId'),
+          userId: sql.placeholder('userId'),
+          role: 'user',
+          content: sql.placeholder('content'),
+          status: 'completed',
+          idempotencyKey: sql.placeholder('idempotencyKey'),
+          createdAt: sql.placeholder('promptAt'),
+          completedAt: sql.placeholder('promptAt'),
+        },
+        {
+          id: sql.placeholder('replyId'),
+          chatroomId: sql.placeholder('roomId'),
+          userId: sql.placeholder('userId'),
+          role: 'assistant',
+          status: 'queued',
+          replyToId: sql.placeholder('promptId'),
+          quotaDay: sql.placeholder('quotaDay'),
+          createdAt: sql.placeholder('replyAt'),
+        },
+      ])
+      .returning()
+      .prepare('chat_insert_prompt_reply'),
+    replyContext: db
+      .select({ reply: messages, prompt: prompts, room: chatrooms })
+      .from(messages)
+      .leftJoin(prompts, eq(prompts.id, messages.replyToId))
+      .leftJoin(chatrooms, eq(chatrooms.id, prompts.chatroomId))
+      .where(eq(messages.id, sql.placeholder('id')))
+      .prepare('chat_reply_context'),
+    history: db
+      .select({ role: messages.role, content: messages.content, createdAt: messages.createdAt })
+      .from(messages)
+      .where(
+        and(
+          eq(messages.chatroomId, sql.placeholder('roomId')),
+          or(
+            lt(messages.createdAt, sql`${sql.placeholder('createdAt')}::timestamptz`),
+            and(
+              eq(messages.createdAt, sql`${sql.placeholder('createdAt')}::timestamptz`),
+              lt(messages.id, sql.placeholder('id')),
+            ),
+          ),
+          or(eq(messages.role, 'user'), eq(messages.status, 'completed')),
+        ),
+      )
+      .orderBy(desc(messages.createdAt), desc(messages.id))
+      .limit(sql.placeholder('limit'))
+      .prepare('chat_history'),
+    startAttempt: db
+      .update(messages)
+      .set({
+        status: 'streaming',
+        startedAt: sql`coalesce(${messages.startedAt}, ${sql.placeholder('at')}::timestamptz)`,
+        attempts: sql`${messages.attempts} + 1`,
+        updatedAt: param('at'),
+      })
+      .where(and(eq(messages.id, sql.placeholder('id')), pending, relaxedCommit))
+      .returning()
+      .prepare('chat_start_attempt'),
+    startReply: db
+      .update(messages)
+      .set({
+        status: 'streaming',
+        startedAt: sql`coalesce(${messages.startedAt}, ${sql.placeholder('at')}::timestamptz)`,
+        attempts: sql`${messages.attempts} + 1`,
+        updatedAt: param('at'),
+      })
+      .from(prompts)
+      .innerJoin(chatrooms, eq(chatrooms.id, prompts.chatroomId))
+      .where(
+        and(
+          eq(messages.id, sql.placeholder('id')),
+          eq(prompts.id, messages.replyToId),
+          eq(messages.role, 'assistant'),
+          pending,
+          relaxedCommit,
+        ),
+      )
+      .returning({ reply: messages, prompt: prompts, room: chatrooms })
+      .prepare('chat_start_reply'),
+    finalize: db
+      .update(messages)
+      .set({
+        status: param('status'),
+        content: param('content'),
+        model: param('model'),
+        // JSON text or SQL NULL (the column's own encoder would turn null into JSON `null`).
+        usage: sql`${sql.placeholder('usage')}::jsonb`,
+        finishReason: param('finishReason'),
+        error: sql`${sql.placeholder('error')}::jsonb`,
+        completedAt: param('at'),
+        updatedAt: param('at'),
+      })
+      .where(and(eq(messages.id, sql.placeholder('id')), pending))
+      .returning()
+      .prepare('chat_finalize'),
+  };
+}
+
 export class ChatRepository {
-  constructor(private readonly db: Database) {}
+  private readonly statements: ReturnType<typeof prepareStatements>;
+
+  constructor(private readonly db: Database) {
+    this.statements = prepareStatements(db);
+  }
 
   async listRooms(userId: string, limit: number): Promise<ChatroomRow[]> {
     return this.db
@@ -66,6 +219,10 @@ export class ChatRepository {
   }
 
   async findRoom(userId: string, roomId: string, tx: DbOrTx = this.db) {
+    if (tx === this.db) {
+      const [row] = await this.statements.findRoom.execute({ roomId, userId });
+      return row;
+    }
     const [row] = await tx
       .select()
       .from(chatrooms)
@@ -106,6 +263,10 @@ export class ChatRepository {
 
   /** Records activity at `at`; never moves a room's activity back (touches may commit late). */
   async touchRoom(roomId: string, at: Date, tx: DbOrTx = this.db) {
+    if (tx === this.db) {
+      await this.statements.touchRoom.execute({ roomId, at });
+      return;
+    }
     await tx
       .update(chatrooms)
       .set({ lastActivityAt: sql`greatest(${chatrooms.lastActivityAt}, ${at})` })
@@ -154,6 +315,15 @@ export class ChatRepository {
     return row;
   }
 
+  /**
+   * A reply with the prompt it answers and the prompt's room, in one round trip (a worker needs
+   * all three before it can start); `prompt` and `room` are null when they no longer exist.
+   */
+  async findReplyContext(messageId: string) {
+    const [row] = await this.statements.replyContext.execute({ id: messageId });
+    return row;
+  }
+
   async findByIdempotencyKey(userId: string, key: string, tx: DbOrTx = this.db) {
     const [prompt] = await tx
       .select()
@@ -169,6 +339,28 @@ export class ChatRepository {
     return reply ? { prompt, reply } : undefined;
   }
 
+  /**
+   * A prompt and its queued reply in one statement (atomic on its own): the reply answers the
+   * prompt and counts against `quotaDay`. Returns [prompt, reply].
+   */
+  async insertPromptAndReply(values: {
+    promptId: string;
+    replyId: string;
+    roomId: string;
+    userId: string;
+    content: string;
+    idempotencyKey: string | null;
+    quotaDay: string;
+    promptAt: Date;
+    replyAt: Date;
+  }): Promise<[MessageRow, MessageRow]> {
+    const rows = await this.statements.insertPromptAndReply.execute(values);
+    const prompt = rows.find((row) => row.id === values.promptId);
+    const reply = rows.find((row) => row.id === values.replyId);
+    if (!prompt || !reply) throw new Error('insert returned no rows');
+    return [prompt, reply];
+  }
+
   async insertMessages(values: (typeof messages.$inferInsert)[], tx: DbOrTx = this.db) {
     return tx.insert(messages).values(values).returning();
   }
@@ -178,36 +370,29 @@ export class ChatRepository {
    * created before the prompt, oldest first (at most `limit`, the newest ones).
    */
   async history(prompt: Pick<MessageRow, 'chatroomId' | 'createdAt' | 'id'>, limit: number) {
-    const rows = await this.db
-      .select({ role: messages.role, content: messages.content, createdAt: messages.createdAt })
-      .from(messages)
-      .where(
-        and(
-          eq(messages.chatroomId, prompt.chatroomId),
-          or(
-            lt(messages.createdAt, prompt.createdAt),
-            and(eq(messages.createdAt, prompt.createdAt), lt(messages.id, prompt.id)),
-          ),
-          or(eq(messages.role, 'user'), eq(messages.status, 'completed')),
-        ),
-      )
-      .orderBy(desc(messages.createdAt), desc(messages.id))
-      .limit(limit);
+    const rows = await this.statements.history.execute({
+      roomId: prompt.chatroomId,
+      createdAt: prompt.createdAt,
+      id: prompt.id,
+      limit,
+    });
     return rows.reverse();
+  }
+
+  /**
+   * The common start of a reply in one statement: moves it to `streaming` for one more attempt
+   * and returns it with its prompt and room, when it is a pending reply whose prompt and room
+   * exist (the caller checks `cancelRequestedAt`). Undefined otherwise: `findReplyContext` tells
+   * which case it is.
+   */
+  async startReply(messageId: string, at: Date) {
+    const [row] = await this.statements.startReply.execute({ id: messageId, at });
+    return row;
   }
 
   /** Moves a pending reply to `streaming` for one more attempt; undefined when it is final. */
   async startAttempt(messageId: string, at: Date) {
-    const [row] = await this.db
-      .update(messages)
-      .set({
-        status: 'streaming',
-        startedAt: sql`coalesce(${messages.startedAt}, ${at})`,
-        attempts: sql`${messages.attempts} + 1`,
-        updatedAt: at,
-      })
-      .where(and(eq(messages.id, messageId), inArray(messages.status, PENDING_STATUSES)))
-      .returning();
+    const [row] = await this.statements.startAttempt.execute({ id: messageId, at });
     return row;
   }
 
@@ -216,7 +401,9 @@ export class ChatRepository {
     await this.db
       .update(messages)
       .set({ updatedAt: at })
-      .where(and(eq(messages.id, messageId), inArray(messages.status, PENDING_STATUSES)));
+      .where(
+        and(eq(messages.id, messageId), inArray(messages.status, PENDING_STATUSES), relaxedCommit),
+      );
   }
 
   /** Back to `queued` while a retry waits (only if still pending). */
@@ -232,18 +419,27 @@ export class ChatRepository {
    * stalled job, a racing cancel) a no-op. Returns the row when this call won.
    */
   async finalize(messageId: string, outcome: FinalOutcome, at: Date, tx: DbOrTx = this.db) {
+    const values = {
+      status: outcome.status,
+      content: outcome.content,
+      model: outcome.model ?? null,
+      usage: outcome.usage ?? null,
+      finishReason: outcome.finishReason ?? null,
+      error: outcome.error ?? null,
+    };
+    if (tx === this.db) {
+      const [row] = await this.statements.finalize.execute({
+        ...values,
+        usage: values.usage === null ? null : JSON.stringify(values.usage),
+        error: values.error === null ? null : JSON.stringify(values.error),
+        id: messageId,
+        at,
+      });
+      return row;
+    }
     const [row] = await tx
       .update(messages)
-      .set({
-        status: outcome.status,
-        content: outcome.content,
-        model: outcome.model ?? null,
-        usage: outcome.usage ?? null,
-        finishReason: outcome.finishReason ?? null,
-        error: outcome.error ?? null,
-        completedAt: at,
-        updatedAt: at,
-      })
+      .set({ ...values, completedAt: at, updatedAt: at })
       .where(and(eq(messages.id, messageId), inArray(messages.status, PENDING_STATUSES)))
       .returning();
     return row;

@@ -1,4 +1,5 @@
 import type { Queue } from 'bullmq';
+import { v7 as uuidv7 } from 'uuid';
 import type { QuotaService, Reservation } from '../billing/quota-service.js';
 import type { Tier } from '../billing/tier.js';
 import type { Database } from '../db/client.js';
@@ -141,43 +142,25 @@ export class ChatService {
       const earlier = await this.replay(userId, roomId, idempotencyKey, content);
       if (earlier) return earlier;
     }
-    await this.room(userId, roomId);
-    const usage = await this.reserve(userId);
+    // The room check and the tier are independent reads: both in flight at once.
+    const [, tier] = await Promise.all([this.room(userId, roomId), this.o.tierOf(userId)]);
+    const usage = await this.reserve(userId, tier);
     const now = this.o.clock.now();
     let stored: [MessageRow, MessageRow];
     try {
-      stored = await this.o.db.transaction(async (tx) => {
-        const [prompt] = await this.o.chat.insertMessages(
-          [
-            {
-              chatroomId: roomId,
-              userId,
-              role: 'user',
-              content,
-              status: 'completed',
-              idempotencyKey: idempotencyKey ?? null,
-              createdAt: now,
-              completedAt: now,
-            },
-          ],
-          tx,
-        );
-        const [reply] = await this.o.chat.insertMessages(
-          [
-            {
-              chatroomId: roomId,
-              userId,
-              role: 'assistant',
-              status: 'queued',
-              replyToId: prompt!.id,
-              quotaDay: usage.day,
-              // A millisecond later keeps the prompt before its reply in every ordering.
-              createdAt: new Date(now.getTime() + 1),
-            },
-          ],
-          tx,
-        );
-        return [prompt!, reply!];
+      // One multi-row INSERT stores both messages atomically (a statement is its own
+      // transaction): one round trip instead of BEGIN, two INSERTs and COMMIT.
+      stored = await this.o.chat.insertPromptAndReply({
+        promptId: uuidv7(),
+        replyId: uuidv7(),
+        roomId,
+        userId,
+        content,
+        idempotencyKey: idempotencyKey ?? null,
+        quotaDay: usage.day,
+        promptAt: now,
+        // A millisecond later keeps the prompt before its reply in every ordering.
+        replyAt: new Date(now.getTime() + 1),
       });
     } catch (error) {
       await this.o.quota.release(userId, usage.day).catch(() => {});
@@ -189,8 +172,8 @@ export class ChatService {
       throw error;
     }
     const [userMessage, assistantMessage] = stored;
-    await this.enqueue(assistantMessage.id);
-    await this.touch(userId, roomId, now);
+    // Neither fails the request (see both), and neither needs the other.
+    await Promise.all([this.enqueue(assistantMessage.id), this.touch(userId, roomId, now)]);
     return { userMessage, assistantMessage, usage, replayed: false };
   }
 
@@ -267,8 +250,8 @@ export class ChatService {
     return { tier, usage: await this.o.quota.current(userId, this.o.limitFor(tier)) };
   }
 
-  private async reserve(userId: string) {
-    const tier = await this.o.tierOf(userId);
+  private async reserve(userId: string, knownTier?: Tier) {
+    const tier = knownTier ?? (await this.o.tierOf(userId));
     try {
       return await this.o.quota.reserve(userId, this.o.limitFor(tier));
     } catch (error) {

@@ -1,6 +1,9 @@
 import { createWorkerRedis, type Redis } from '../lib/redis.js';
 import type { ReplyEvent, ReplyStreams } from './reply-stream.js';
 
+/** Entries a follower reads at once: a slow client holds at most this many in memory. */
+const READ_BATCH = 200;
+
 interface Follower {
   wake(): void;
 }
@@ -171,7 +174,7 @@ export class ReplyHub {
         }
         pending = false;
         for (;;) {
-          const entries = await this.streams.read(messageId, cursor, { count: 200 });
+          const entries = await this.streams.read(messageId, cursor, { count: READ_BATCH });
           if (entries.length === 0) break;
           this.advance(messageId, entries.at(-1)!.id);
           for (const entry of entries) {
@@ -179,6 +182,10 @@ export class ReplyHub {
             yield entry;
             if (entry.event.type === 'done' || entry.event.type === 'error') return;
           }
+          // A short batch was the end of the stream when it was read: whatever came after it
+          // wakes this follower again (`pending`), so reading on now would only find nothing, one
+          // wasted round trip per wake-up, i.e. per delta of a live reply.
+          if (entries.length < READ_BATCH) break;
         }
       }
     } finally {

@@ -18,27 +18,53 @@ const ACTIVE_STREAM_TTL_SECONDS = 3600;
 /**
  * The Redis Stream of one reply's events, written by the worker and read by any API instance.
  */
+// KEYS[1] the stream. ARGV: max length, event type, event data (JSON), TTL in seconds.
+const APPEND_SCRIPT = `
+local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'e', ARGV[2], 'd', ARGV[3])
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+return id
+`;
+
+type AppendCommand = (
+  key: string,
+  maxLength: number,
+  type: string,
+  data: string,
+  ttlSeconds: number,
+) => Promise<string>;
+
 export class ReplyStreams {
+  /**
+   * XADD and EXPIRE as one atomic script: one command per event instead of MULTI, XADD, EXPIRE
+   * and EXEC (a streaming reply appends dozens of events, a busy worker thousands a second).
+   */
+  private readonly appendEvent: AppendCommand;
+
   constructor(
     private readonly redis: Redis,
     private readonly keys: RedisKeys,
-  ) {}
+  ) {
+    const commands = redis as unknown as { replyStreamAppend?: AppendCommand };
+    if (!commands.replyStreamAppend) {
+      redis.defineCommand('replyStreamAppend', { numberOfKeys: 1, lua: APPEND_SCRIPT });
+    }
+    const command = (redis as unknown as { replyStreamAppend: AppendCommand }).replyStreamAppend;
+    this.appendEvent = command.bind(redis);
+  }
 
   key(messageId: string) {
     return this.keys.key('reply', messageId);
   }
 
   async append(messageId: string, event: ReplyEvent): Promise<string> {
-    const key = this.key(messageId);
     const final = event.type === 'done' || event.type === 'error';
-    const [[, id] = [], ...rest] =
-      (await this.redis
-        .multi()
-        .xadd(key, 'MAXLEN', '~', MAX_LENGTH, '*', 'e', event.type, 'd', JSON.stringify(event.data))
-        .expire(key, final ? FINISHED_STREAM_TTL_SECONDS : ACTIVE_STREAM_TTL_SECONDS)
-        .exec()) ?? [];
-    void rest;
-    return id as string;
+    return this.appendEvent(
+      this.key(messageId),
+      MAX_LENGTH,
+      event.type,
+      JSON.stringify(event.data),
+      final ? FINISHED_STREAM_TTL_SECONDS : ACTIVE_STREAM_TTL_SECONDS,
+    );
   }
 
   /** Entries after `afterId` (exclusive), waiting up to `blockMs` for new ones when none. */
@@ -56,6 +82,18 @@ export class ReplyStreams {
         : await redis.xread('COUNT', count, 'STREAMS', key, afterId);
     const entries = result?.[0]?.[1] ?? [];
     return entries.map(([id, fields]) => ({ id, event: parseFields(fields) }));
+  }
+
+  /** The text a client following the stream has now: the deltas since the last `reset`. */
+  async textSoFar(messageId: string): Promise<string> {
+    const entries = await this.redis.xrange(this.key(messageId), '-', '+');
+    let text = '';
+    for (const [, fields] of entries) {
+      const event = parseFields(fields);
+      if (event.type === 'reset') text = '';
+      else if (event.type === 'delta') text += event.data.text;
+    }
+    return text;
   }
 
   async exists(messageId: string): Promise<boolean> {

@@ -131,24 +131,28 @@ export class ReplyWorker {
 
   private async process(job: Job<ReplyJob>): Promise<string> {
     const { messageId } = job.data;
-    const reply = await this.o.chat.findMessageById(messageId);
-    if (reply?.role !== 'assistant' || FINAL_STATUSES.includes(reply.status)) {
-      return 'skipped';
+    // Almost always one statement starts the attempt and returns the reply, its prompt and room.
+    let begun = await this.o.chat.startReply(messageId, this.o.clock.now());
+    if (!begun) {
+      // It did not start: find out why, as separate reads (final, cancelled, prompt gone, a race).
+      const context = await this.o.chat.findReplyContext(messageId);
+      const reply = context?.reply;
+      if (reply?.role !== 'assistant' || FINAL_STATUSES.includes(reply.status)) {
+        return 'skipped';
+      }
+      if (reply.cancelRequestedAt) return this.finishCancelled(reply.id);
+      const { prompt, room } = context!;
+      if (!prompt || !room) {
+        await this.fail(reply.id, '', 'INTERNAL', 'The prompt of this reply no longer exists');
+        return 'failed';
+      }
+      const started = await this.o.chat.startAttempt(reply.id, this.o.clock.now());
+      if (!started) return 'skipped';
+      begun = { reply: started, prompt, room };
     }
-    if (reply.cancelRequestedAt) {
-      await this.finish(reply.id, { status: 'cancelled', content: reply.content });
-      return 'cancelled';
-    }
-    const prompt = reply.replyToId ? await this.o.chat.findMessageById(reply.replyToId) : undefined;
-    const room = prompt ? await this.o.chat.findRoomById(prompt.chatroomId) : undefined;
-    if (!prompt || !room) {
-      await this.fail(reply.id, '', 'INTERNAL', 'The prompt of this reply no longer exists');
-      return 'failed';
-    }
-
-    const started = await this.o.chat.startAttempt(reply.id, this.o.clock.now());
-    if (!started) return 'skipped';
-    if (started.attempts > 1) await this.o.streams.append(reply.id, { type: 'reset', data: {} });
+    const { reply, prompt, room } = begun;
+    if (reply.cancelRequestedAt) return this.finishCancelled(reply.id);
+    if (reply.attempts > 1) await this.o.streams.append(reply.id, { type: 'reset', data: {} });
 
     const rows = await this.o.chat.history(prompt, HISTORY_ROWS);
     const turns: LlmTurn[] = [];
@@ -288,6 +292,16 @@ export class ReplyWorker {
       });
     }
     await this.o.streams.append(messageId, { type: 'error', data: { code, message } });
+  }
+
+  /**
+   * A reply cancelled before this attempt generated anything: it keeps the text an earlier
+   * attempt streamed (a worker killed mid-reply), which is what its viewers saw.
+   */
+  private async finishCancelled(messageId: string): Promise<string> {
+    const content = await this.o.streams.textSoFar(messageId).catch(() => '');
+    await this.finish(messageId, { status: 'cancelled', content });
+    return 'cancelled';
   }
 
   private async finish(messageId: string, outcome: FinalOutcome) {

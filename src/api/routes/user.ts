@@ -40,12 +40,10 @@ export const userRoutes =
       },
       async (request) => {
         const { userId } = caller(request);
-        const [user, tier] = await Promise.all([
-          container.users.findById(userId),
-          container.tierOf(userId),
-        ]);
-        if (!user) throw gone();
-        return toUserDto(user, tier);
+        // One query for both; the tier is still read fresh from the database.
+        const found = await container.users.findWithSubscriptions(userId);
+        if (!found) throw gone();
+        return toUserDto(found.user, container.tierFrom(found.subscriptions));
       },
     );
 
