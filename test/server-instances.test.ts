@@ -65,6 +65,25 @@ describe('redis instance', () => {
   });
 });
 
+describe('persistent redis instance', () => {
+  it('keeps its data across a restart, and wipe() makes the next start empty', async () => {
+    const redis = await startRedisInstance({ persistent: true });
+    try {
+      await redisCommand(redis.port, ['SET', 'kept', 'yes']);
+      await redis.restart();
+      expect(await redisCommand(redis.port, ['GET', 'kept'])).toBe('yes');
+      await expect(redis.wipe()).rejects.toThrow(/stopped/);
+      await redis.stop();
+      expect(redis.running()).toBe(false);
+      await redis.wipe();
+      await redis.start();
+      expect(await redis.dbSize()).toBe(0);
+    } finally {
+      await redis.destroy();
+    }
+  });
+});
+
 describe('postgres instance', () => {
   let postgres: PostgresInstance;
 

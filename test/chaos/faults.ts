@@ -1,8 +1,8 @@
 import type { PostgresInstance } from '../helpers/postgres-instance.js';
+import type { RedisInstance } from '../helpers/redis-instance.js';
 import type { RandomModel } from './fake-llm.js';
 import type { ApiClient } from './http.js';
 import type { Follow } from './load.js';
-import type { PersistentRedis } from './redis-server.js';
 import type { ServiceProcess } from './services.js';
 
 export type FaultKind =
@@ -28,7 +28,7 @@ export interface FaultRecord {
 
 export interface Cluster {
   pg: PostgresInstance;
-  redis: PersistentRedis;
+  redis: RedisInstance;
   apis: ServiceProcess[];
   workers: ServiceProcess[];
   model: RandomModel;

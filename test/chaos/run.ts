@@ -24,7 +24,7 @@ import pg from 'pg';
 import { startFakeGemini } from '../helpers/fake-gemini.js';
 import { startPostgresInstance } from '../helpers/postgres-instance.js';
 import { repoRoot } from '../helpers/process.js';
-import { getFreePort } from '../helpers/redis-instance.js';
+import { getFreePort, startRedisInstance } from '../helpers/redis-instance.js';
 import { RandomModel } from './fake-llm.js';
 import { type Cluster, FAULTS, type FaultKind, type FaultRecord, SCHEDULE } from './faults.js';
 import { ApiClient, Traffic } from './http.js';
@@ -36,7 +36,6 @@ import {
   type LoadContext,
   UserDriver,
 } from './load.js';
-import { startPersistentRedis } from './redis-server.js';
 import { type ChaosReport, printReport } from './report.js';
 import { ServiceProcess } from './services.js';
 import {
@@ -176,7 +175,7 @@ async function main(): Promise<number> {
   log(`${opts.short ? 'short' : 'full'} run: ${opts.durationS}s of load, ${opts.users} users`);
   const pgInstance = await startPostgresInstance();
   cleanups.push({ name: 'postgres', run: () => pgInstance.destroy() });
-  const redis = await startPersistentRedis(tmp);
+  const redis = await startRedisInstance({ persistent: true, baseDir: tmp });
   cleanups.push({ name: 'redis', run: () => redis.destroy() });
   lastResort.push(() => redis.killNow());
   const fake = await startFakeGemini();

@@ -1,5 +1,5 @@
 import { type ChildProcess, spawn } from 'node:child_process';
-import { mkdtemp, rm } from 'node:fs/promises';
+import { mkdir, mkdtemp, rm } from 'node:fs/promises';
 import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
@@ -13,19 +13,33 @@ export interface RedisInstance {
   /** SIGKILL and wait for exit (simulates a crash). */
   kill(): Promise<void>;
   /**
-   * Start again on the same port. Nothing is persisted (`--save "" --appendonly no`),
-   * so the restarted server is empty.
+   * Start again on the same port. Without `persistent` nothing is saved, so the restarted
+   * server is empty; with it every acknowledged write survives (unless `wipe()` ran).
    */
   start(): Promise<void>;
   restart(): Promise<void>;
   flushAll(): Promise<void>;
+  dbSize(): Promise<number>;
+  /** Deletes the data files; only while stopped (the next start is empty). */
+  wipe(): Promise<void>;
+  running(): boolean;
   /** Stop and remove the temp dir. Safe to call more than once. */
   destroy(): Promise<void>;
+  /** Synchronous last-resort kill (process exit handlers). */
+  killNow(): void;
+}
+
+export interface RedisInstanceOptions {
+  port?: number;
+  /** An append-only file fsynced on every write, so a restart keeps the data. */
+  persistent?: boolean;
+  /** Where the temp dir is made (default: the OS temp dir). */
+  baseDir?: string;
 }
 
 export type RedisReply = string | number | null | RedisReply[];
 
-const READY_TIMEOUT_MS = 10_000;
+const READY_TIMEOUT_MS = 15_000;
 const STOP_GRACE_MS = 5_000;
 const OUTPUT_TAIL_CHARS = 4_000;
 
@@ -46,9 +60,14 @@ export async function getFreePort(): Promise<number> {
   });
 }
 
-export async function startRedisInstance(opts: { port?: number } = {}): Promise<RedisInstance> {
+export async function startRedisInstance(opts: RedisInstanceOptions = {}): Promise<RedisInstance> {
   const port = opts.port ?? (await getFreePort());
-  const dir = await mkdtemp(path.join(os.tmpdir(), 'redis-instance-'));
+  const root = await mkdtemp(path.join(opts.baseDir ?? os.tmpdir(), 'redis-instance-'));
+  const dir = path.join(root, 'data');
+  await mkdir(dir, { recursive: true });
+  const persistence = opts.persistent
+    ? ['--appendonly', 'yes', '--appendfsync', 'always']
+    : ['--appendonly', 'no'];
   let child: ChildProcess | undefined;
   let exited: Promise<void> = Promise.resolve();
   let output = '';
@@ -60,18 +79,7 @@ export async function startRedisInstance(opts: { port?: number } = {}): Promise<
     output = '';
     const proc = spawn(
       'redis-server',
-      [
-        '--port',
-        String(port),
-        '--bind',
-        '127.0.0.1',
-        '--save',
-        '',
-        '--appendonly',
-        'no',
-        '--dir',
-        dir,
-      ],
+      ['--port', String(port), '--bind', '127.0.0.1', '--save', '', ...persistence, '--dir', dir],
       { cwd: dir, stdio: ['ignore', 'pipe', 'pipe'] },
     );
     // Redis logs to stdout; the pipe must be drained or the server blocks once it fills.
@@ -107,7 +115,8 @@ export async function startRedisInstance(opts: { port?: number } = {}): Promise<
       }
       let answered = false;
       try {
-        answered = (await redisCommand(port, ['PING'], 1_000)) === 'PONG';
+        // DBSIZE, not PING: a persistent server answers LOADING until its data is read back.
+        answered = typeof (await redisCommand(port, ['DBSIZE'], 1_000)) === 'number';
       } catch {
         // not accepting connections yet
       }
@@ -155,11 +164,23 @@ export async function startRedisInstance(opts: { port?: number } = {}): Promise<
     async flushAll() {
       await redisCommand(port, ['FLUSHALL']);
     },
+    async dbSize() {
+      return Number(await redisCommand(port, ['DBSIZE']));
+    },
+    async wipe() {
+      if (child) throw new Error('wipe() needs a stopped server');
+      await rm(dir, { recursive: true, force: true });
+      await mkdir(dir, { recursive: true });
+    },
+    running: () => child !== undefined,
     async destroy() {
       if (destroyed) return;
       destroyed = true;
       await terminate('SIGTERM');
-      await rm(dir, { recursive: true, force: true });
+      await rm(root, { recursive: true, force: true });
+    },
+    killNow() {
+      child?.kill('SIGKILL');
     },
   };
 
