@@ -6,6 +6,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { App } from '../src/api/app.js';
 import { sessions, subscriptions, users } from '../src/db/schema/index.js';
 import { sha256Hex } from '../src/lib/secrets.js';
+import { expectError } from './helpers/assertions.js';
 import { createTestContext, type TestContext } from './helpers/context.js';
 import { itRejectsBadTokens, randomMobile, type SignedInUser, signIn } from './helpers/users.js';
 
@@ -46,27 +47,6 @@ function me(app: App, accessToken: string) {
     url: '/user/me',
     headers: { authorization: `Bearer ${accessToken}` },
   });
-}
-
-/** Asserts the status, the error code and the documented error shape. */
-function expectError(res: Response, status: number, code: string) {
-  expect(res.statusCode, res.body).toBe(status);
-  const body = res.json();
-  expect(body).toEqual({
-    error: {
-      code,
-      message: expect.any(String),
-      requestId: expect.any(String),
-      details: expect.any(Object),
-    },
-  });
-  expect(body.error.requestId).toBe(res.headers['x-request-id']);
-  return body.error as {
-    code: string;
-    message: string;
-    requestId: string;
-    details: Record<string, unknown>;
-  };
 }
 
 function expectRetryAfter(res: Response, max: number) {

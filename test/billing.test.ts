@@ -3,6 +3,7 @@ import type { Response } from 'light-my-request';
 import Stripe from 'stripe';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { stripeEvents, subscriptions, users } from '../src/db/schema/index.js';
+import { controlledClock, expectError } from './helpers/assertions.js';
 import { createRoom, sendMessage } from './helpers/chat.js';
 import { createTestContext, type TestContext } from './helpers/context.js';
 import { type FakeStripe, startFakeStripe } from './helpers/fake-stripe.js';
@@ -12,30 +13,6 @@ const WEBHOOK_SECRET = 'whsec_test_0123456789abcdefghijklmnopqrstuv';
 const PRICE_ID = 'price_pro_monthly';
 const GRACE_DAYS = 3;
 const DAY_MS = 86_400_000;
-
-/** A clock the test moves by hand; frozen between moves. */
-function controlledClock(start: Date) {
-  const state = { now: start };
-  return {
-    state,
-    clock: { now: () => new Date(state.now.getTime()) },
-    set(date: Date) {
-      state.now = date;
-    },
-  };
-}
-
-function expectError(res: Response, status: number, code: string) {
-  expect(res.statusCode, res.body).toBe(status);
-  expect(res.json()).toEqual({
-    error: {
-      code,
-      message: expect.any(String),
-      requestId: expect.any(String),
-      details: expect.any(Object),
-    },
-  });
-}
 
 describe('billing with Stripe', () => {
   let fake: FakeStripe;

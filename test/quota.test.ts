@@ -2,6 +2,7 @@ import type { Response } from 'light-my-request';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { nextUtcMidnight } from '../src/lib/clock.js';
 import { isConnectionError } from '../src/lib/errors.js';
+import { controlledClock, expectError } from './helpers/assertions.js';
 import { createRoom, sendMessage, waitForReply } from './helpers/chat.js';
 import { createTestContext, type TestContext } from './helpers/context.js';
 import { type FakeGemini, startFakeGemini } from './helpers/fake-gemini.js';
@@ -14,29 +15,6 @@ const HOUR_MS = 3_600_000;
 function todayNoonUtc(): Date {
   const now = new Date();
   return new Date(Date.UTC(now.getUTCFullYear(), now.getUTCMonth(), now.getUTCDate(), 12));
-}
-
-/** A clock the test moves by hand; frozen between moves. */
-function controlledClock(start: Date) {
-  const state = { now: start };
-  return {
-    clock: { now: () => new Date(state.now.getTime()) },
-    set(date: Date) {
-      state.now = date;
-    },
-  };
-}
-
-function expectError(res: Response, status: number, code: string) {
-  expect(res.statusCode, res.body).toBe(status);
-  expect(res.json()).toEqual({
-    error: {
-      code,
-      message: expect.any(String),
-      requestId: expect.any(String),
-      details: expect.any(Object),
-    },
-  });
 }
 
 async function usage(ctx: TestContext, user: SignedInUser) {
