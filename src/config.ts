@@ -79,6 +79,7 @@ export const envSchema = z
     PRO_DAILY_LIMIT: optionalLimit,
     RATE_LIMIT_PUBLIC_PER_MINUTE: positiveInt.default(60),
     RATE_LIMIT_USER_PER_MINUTE: positiveInt.default(300),
+    LOCAL_CACHE_SECONDS: z.coerce.number().int().min(0).max(3600).default(60),
     ROLE: z.enum(['all', 'api', 'worker']).default('all'),
     WORKER_CONCURRENCY: positiveInt.default(50),
     WORKER_LOCK_SECONDS: positiveInt.default(30),
@@ -168,6 +169,8 @@ export interface Config {
   /** `null` means unlimited. */
   proDailyLimit: number | null;
   rateLimit: { publicPerMinute: number; userPerMinute: number };
+  /** TTL of the API process caches (sessions, room lists); 0 turns them off. */
+  localCacheSeconds: number;
   role: Env['ROLE'];
   workerConcurrency: number;
   /** How long a worker's claim on a reply lasts without renewal (a killed worker's replies wait this long). */
@@ -243,6 +246,7 @@ export function loadConfig(source: NodeJS.ProcessEnv = process.env): Config {
       publicPerMinute: env.RATE_LIMIT_PUBLIC_PER_MINUTE,
       userPerMinute: env.RATE_LIMIT_USER_PER_MINUTE,
     },
+    localCacheSeconds: env.LOCAL_CACHE_SECONDS,
     role: env.ROLE,
     workerConcurrency: env.WORKER_CONCURRENCY,
     workerLockSeconds: env.WORKER_LOCK_SECONDS,

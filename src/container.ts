@@ -15,6 +15,7 @@ import { createDatabase, type DatabaseHandle, ensureDatabase } from './db/client
 import { runMigrations } from './db/migrate.js';
 import type { SubscriptionRow } from './db/schema/index.js';
 import { type Clock, systemClock } from './lib/clock.js';
+import { InvalidationBus } from './lib/local-cache.js';
 import type { Logger } from './lib/logger.js';
 import { Metrics } from './lib/metrics.js';
 import { connectRedis, createRedis, type Redis, RedisKeys } from './lib/redis.js';
@@ -31,6 +32,8 @@ export interface Container {
   database: DatabaseHandle;
   redis: Redis;
   keys: RedisKeys;
+  /** Invalidations of the API process caches; `start()` it where requests are served. */
+  invalidation: InvalidationBus;
   users: UserRepository;
   tokens: TokenService;
   sessions: SessionService;
@@ -82,6 +85,13 @@ export async function createContainer(
   const clock = options.clock ?? systemClock;
   const keys = new RedisKeys(config.redisPrefix);
   const db = database.db;
+  const invalidation = new InvalidationBus({
+    redisUrl: config.redisUrl,
+    channel: keys.key('invalidate'),
+    redis,
+    ttlMs: config.localCacheSeconds * 1000,
+    logger,
+  });
   const users = new UserRepository(db);
   const tokens = new TokenService({
     secret: config.jwt.secret,
@@ -97,6 +107,7 @@ export async function createContainer(
     clock,
     logger,
     refreshTtlDays: config.jwt.refreshTtlDays,
+    invalidation,
   });
   const otps = new OtpService({ redis, keys, secret: config.jwt.secret });
   const auth = new AuthService({ config, db, users, otps, sessions, clock, logger });
@@ -120,7 +131,7 @@ export async function createContainer(
   const chat = new ChatService({
     db,
     chat: chatRepository,
-    cache: new RoomListCache(redis, keys),
+    cache: new RoomListCache(redis, keys, invalidation),
     quota,
     replyQueue,
     streams,
@@ -141,6 +152,7 @@ export async function createContainer(
     database,
     redis,
     keys,
+    invalidation,
     users,
     tokens,
     sessions,
@@ -158,6 +170,7 @@ export async function createContainer(
     tierFrom,
     limitFor,
     close: async () => {
+      await invalidation.close();
       await replyQueue.close().catch(() => {});
       await maintenanceQueue.close().catch(() => {});
       await database.close();

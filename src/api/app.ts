@@ -1,7 +1,6 @@
 import { randomUUID } from 'node:crypto';
 import { fileURLToPath } from 'node:url';
 import cors from '@fastify/cors';
-import helmet from '@fastify/helmet';
 import { fastifySSE } from '@fastify/sse';
 import fastifyStatic from '@fastify/static';
 import swagger from '@fastify/swagger';
@@ -22,6 +21,7 @@ import { registerAuth } from './plugins/auth.js';
 import { registerErrorHandling, sendError, toAppError } from './plugins/errors.js';
 import { registerMetrics } from './plugins/metrics.js';
 import { registerRateLimit } from './plugins/rate-limit.js';
+import { registerSecurityHeaders } from './plugins/security-headers.js';
 import { authRoutes } from './routes/auth.js';
 import { billingRoutes } from './routes/billing.js';
 import { chatRoutes } from './routes/chat.js';
@@ -72,8 +72,9 @@ export async function buildApp(container: Container, options: BuildAppOptions = 
   // JSON only: text/plain bodies are refused with 415 rather than parsed as strings.
   app.removeContentTypeParser('text/plain');
 
-  app.addHook('onRequest', async (request, reply) => {
+  app.addHook('onRequest', (request, reply, done) => {
     reply.header('x-request-id', request.id);
+    done();
   });
 
   // While shutting down, responses to in-flight requests close their keep-alive connection, so
@@ -82,15 +83,16 @@ export async function buildApp(container: Container, options: BuildAppOptions = 
   app.addHook('preClose', async () => {
     closing = true;
   });
-  app.addHook('onSend', async (_request, reply) => {
+  app.addHook('onSend', (_request, reply, payload, done) => {
     if (closing) reply.header('connection', 'close');
+    done(null, payload);
   });
 
   registerErrorHandling(app, container.metrics);
   container.metrics.watchQueues([container.replyQueue, container.maintenanceQueue]);
   registerMetrics(app, container.metrics);
 
-  await app.register(helmet, {
+  registerSecurityHeaders(app, {
     // The reference page at /docs loads its own scripts and styles from this origin.
     contentSecurityPolicy: {
       directives: {
@@ -151,6 +153,8 @@ export async function buildApp(container: Container, options: BuildAppOptions = 
     maxAge: '5m',
   });
 
+  await container.invalidation.start();
+  app.addHook('onClose', async () => container.invalidation.close());
   const authenticated = registerAuth(app, container);
   await registerRateLimit(app, container);
 

@@ -1,3 +1,4 @@
+import type { FastifyReply } from 'fastify';
 import { z } from 'zod';
 import { type ErrorCode, errorCatalogue, errorCodes } from '../lib/errors.js';
 
@@ -111,3 +112,11 @@ export const acceptedSchema = z
 
 export const roomParams = z.object({ id: z.uuid() });
 export const messageParams = z.object({ id: z.uuid(), messageId: z.uuid() });
+
+/**
+ * Sends a body that is already JSON (a cached one) as it is: with a JSON content type set and a
+ * string payload, Fastify skips the response serializer.
+ */
+export function sendJson(reply: FastifyReply, json: string): FastifyReply {
+  return reply.type('application/json; charset=utf-8').send(json);
+}

@@ -4,10 +4,11 @@ import type { Database, DbOrTx } from '../db/client.js';
 import { refreshTokens, sessions } from '../db/schema/index.js';
 import type { Clock } from '../lib/clock.js';
 import { AppError, isConnectionError } from '../lib/errors.js';
+import type { InvalidationBus, LocalCache } from '../lib/local-cache.js';
 import type { Logger } from '../lib/logger.js';
 import type { Redis, RedisKeys } from '../lib/redis.js';
 import { sha256Hex } from '../lib/secrets.js';
-import type { TokenService } from './token-service.js';
+import type { AccessClaims, TokenService } from './token-service.js';
 
 export interface TokenPair {
   accessToken: string;
@@ -24,6 +25,8 @@ export interface SessionMeta {
 /** How long a "session is live" answer is cached; revocation overwrites it at once. */
 const SESSION_CACHE_SECONDS = 300;
 const REVOKED = 'revoked';
+/** The process cache's name on the invalidation bus. */
+const LOCAL_CACHE = 'sessions';
 
 const unauthenticated = (message: string) =>
   new AppError({
@@ -31,6 +34,8 @@ const unauthenticated = (message: string) =>
     message,
     headers: { 'www-authenticate': 'Bearer error="invalid_token"' },
   });
+
+const sessionEnded = () => unauthenticated('The session has ended; sign in again');
 
 export interface SessionServiceOptions {
   db: Database;
@@ -40,10 +45,19 @@ export interface SessionServiceOptions {
   clock: Clock;
   logger: Logger;
   refreshTtlDays: number;
+  invalidation: InvalidationBus;
 }
 
 export class SessionService {
-  constructor(private readonly o: SessionServiceOptions) {}
+  /**
+   * Session id -> its user id, or REVOKED (a session that ended never comes back), in this
+   * process; a revocation anywhere drops the entry everywhere (see `markRevoked`).
+   */
+  private readonly local: LocalCache<string>;
+
+  constructor(private readonly o: SessionServiceOptions) {
+    this.local = o.invalidation.cache<string>(LOCAL_CACHE, 100_000);
+  }
 
   private cacheKey(sessionId: string) {
     return this.o.keys.key('session', sessionId);
@@ -189,9 +203,14 @@ export class SessionService {
 
   private async markRevoked(sessionIds: string[]) {
     if (sessionIds.length === 0) return;
+    const bus = this.o.invalidation;
+    bus.dropLocal(LOCAL_CACHE, sessionIds);
+    // The markers first, then the invalidation, in one round trip: an instance that reloads
+    // after the invalidation finds the marker.
     const pipeline = this.o.redis.pipeline();
     for (const id of sessionIds)
       pipeline.set(this.cacheKey(id), REVOKED, 'EX', SESSION_CACHE_SECONDS);
+    pipeline.publish(bus.channel, bus.message(LOCAL_CACHE, sessionIds));
     await pipeline.exec().catch((error) => {
       // The database is the truth; a missed marker only delays revocation by the cache time.
       this.o.logger.warn(
@@ -201,8 +220,18 @@ export class SessionService {
     });
   }
 
-  /** Whether a session is live, answered from Redis when possible. */
+  /** Whether a session is live, answered from this process or Redis when possible. */
   async isActive(sessionId: string, userId: string): Promise<boolean> {
+    const known = this.local.get(sessionId);
+    if (known !== undefined) return known === userId;
+    const ticket = this.local.begin();
+    const active = await this.load(sessionId, userId);
+    // A session that is not live now never will be (revoked or expired).
+    this.local.set(sessionId, active ? userId : REVOKED, ticket);
+    return active;
+  }
+
+  private async load(sessionId: string, userId: string): Promise<boolean> {
     const key = this.cacheKey(sessionId);
     let cached: string | null = null;
     try {
@@ -233,9 +262,20 @@ export class SessionService {
   /** Checks a bearer token and its session; throws UNAUTHENTICATED. */
   async authenticate(accessToken: string) {
     const claims = await this.o.tokens.verifyAccess(accessToken);
-    if (!(await this.isActive(claims.sessionId, claims.userId))) {
-      throw unauthenticated('The session has ended; sign in again');
-    }
+    if (!(await this.isActive(claims.sessionId, claims.userId))) throw sessionEnded();
     return claims;
+  }
+
+  /**
+   * `authenticate` without waiting, when this process already knows the answer (a token that
+   * verified before, a session in the process cache): the claims, or the error to throw.
+   * Undefined when it takes a look elsewhere.
+   */
+  authenticateKnown(accessToken: string): AccessClaims | AppError | undefined {
+    const claims = this.o.tokens.verifiedBefore(accessToken);
+    if (!claims) return undefined;
+    const known = this.local.get(claims.sessionId);
+    if (known === undefined) return undefined;
+    return known === claims.userId ? claims : sessionEnded();
   }
 }

@@ -1,3 +1,4 @@
+import type { InvalidationBus, LocalCache } from '../lib/local-cache.js';
 import type { Redis, RedisKeys } from '../lib/redis.js';
 import type { ChatroomDto } from './message-dto.js';
 
@@ -6,25 +7,31 @@ const TTL_SECONDS = 300;
 const LOCK_MS = 3000;
 const WAIT_STEP_MS = 25;
 const WAIT_STEPS = 40;
+/** The process cache's name on the invalidation bus. */
+const LOCAL_CACHE = 'rooms';
 
-interface Cached {
-  v: number;
-  rooms: ChatroomDto[];
-}
-
-export type CacheResult = { rooms: ChatroomDto[]; hit: boolean };
+/** `json` is the JSON array of the rooms, ready to be sent as it is. */
+export type CacheResult = { json: string; hit: boolean };
 
 /**
- * Each user's chatroom list, cached in Redis. A version counter makes invalidation race-free (a
- * list loaded before an invalidation is never served after it), and a short lock lets one
- * request load a missing list while concurrent ones wait for it instead of all hitting
- * PostgreSQL.
+ * Each user's chatroom list, cached as the JSON it is sent as: in this process (dropped through
+ * the invalidation bus) in front of Redis (shared by every instance). A version counter makes
+ * the Redis copy race-free (a list loaded before an invalidation is never served after it), and
+ * a short lock lets one request load a missing list while concurrent ones, on any instance, wait
+ * for it instead of all hitting PostgreSQL. Redis holds `<version>:<json>`.
  */
 export class RoomListCache {
+  private readonly local: LocalCache<string>;
+  /** Loads under way in this process: concurrent misses for one user share one. */
+  private readonly loading = new Map<string, Promise<CacheResult>>();
+
   constructor(
     private readonly redis: Redis,
     private readonly keys: RedisKeys,
-  ) {}
+    private readonly invalidation: InvalidationBus,
+  ) {
+    this.local = invalidation.cache<string>(LOCAL_CACHE, 50_000);
+  }
 
   private listKey(userId: string) {
     return this.keys.key('rooms', userId);
@@ -34,19 +41,38 @@ export class RoomListCache {
     return this.keys.key('rooms-v', userId);
   }
 
-  private async lookup(userId: string): Promise<{ cached: ChatroomDto[] | null; version: number }> {
+  private async lookup(userId: string): Promise<{ json: string | null; version: number }> {
     const [raw, rawVersion] = await this.redis.mget(this.listKey(userId), this.versionKey(userId));
     const version = Number(rawVersion ?? 0);
     if (raw) {
-      const parsed = JSON.parse(raw) as Cached;
-      if (parsed.v === version) return { cached: parsed.rooms, version };
+      const colon = raw.indexOf(':');
+      if (colon > 0 && Number(raw.slice(0, colon)) === version) {
+        return { json: raw.slice(colon + 1), version };
+      }
     }
-    return { cached: null, version };
+    return { json: null, version };
   }
 
   async get(userId: string, load: () => Promise<ChatroomDto[]>): Promise<CacheResult> {
+    const json = this.local.get(userId);
+    if (json !== undefined) return { json, hit: true };
+    const running = this.loading.get(userId);
+    if (running) return { json: (await running).json, hit: true };
+    const ticket = this.local.begin();
+    const loaded = this.fetch(userId, load);
+    this.loading.set(userId, loaded);
+    try {
+      const result = await loaded;
+      this.local.set(userId, result.json, ticket);
+      return result;
+    } finally {
+      this.loading.delete(userId);
+    }
+  }
+
+  private async fetch(userId: string, load: () => Promise<ChatroomDto[]>): Promise<CacheResult> {
     const first = await this.lookup(userId);
-    if (first.cached) return { rooms: first.cached, hit: true };
+    if (first.json !== null) return { json: first.json, hit: true };
 
     const lockKey = this.keys.key('rooms-lock', userId);
     const locked = await this.redis.set(lockKey, '1', 'PX', LOCK_MS, 'NX');
@@ -54,15 +80,14 @@ export class RoomListCache {
       for (let i = 0; i < WAIT_STEPS; i++) {
         await new Promise((resolve) => setTimeout(resolve, WAIT_STEP_MS));
         const again = await this.lookup(userId);
-        if (again.cached) return { rooms: again.cached, hit: true };
+        if (again.json !== null) return { json: again.json, hit: true };
       }
-      return { rooms: await load(), hit: false };
+      return { json: JSON.stringify(await load()), hit: false };
     }
     try {
-      const rooms = await load();
-      const value: Cached = { v: first.version, rooms };
-      await this.redis.set(this.listKey(userId), JSON.stringify(value), 'EX', TTL_SECONDS);
-      return { rooms, hit: false };
+      const json = JSON.stringify(await load());
+      await this.redis.set(this.listKey(userId), `${first.version}:${json}`, 'EX', TTL_SECONDS);
+      return { json, hit: false };
     } finally {
       await this.redis.del(lockKey).catch(() => {});
     }
@@ -70,11 +95,14 @@ export class RoomListCache {
 
   /** Call after any change to the user's list (create, rename, delete, new activity). */
   async invalidate(userId: string): Promise<void> {
+    const bus = this.invalidation;
+    bus.dropLocal(LOCAL_CACHE, [userId]);
     await this.redis
       .multi()
       .incr(this.versionKey(userId))
       .expire(this.versionKey(userId), 86_400)
       .del(this.listKey(userId))
+      .publish(bus.channel, bus.message(LOCAL_CACHE, [userId]))
       .exec();
   }
 }

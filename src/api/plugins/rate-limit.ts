@@ -2,18 +2,20 @@ import rateLimit from '@fastify/rate-limit';
 import type { FastifyInstance } from 'fastify';
 import type { Container } from '../../container.js';
 import { AppError } from '../../lib/errors.js';
+import { LeasedRateLimitStore } from './rate-limit-store.js';
 
 /**
  * Request rate limits in Redis (shared by every API instance): per user on signed-in routes, per
- * client IP elsewhere. The check runs after the route's token check (see Protected), so it knows the user.
+ * client IP elsewhere. The check runs after the route's token check (see Protected), so it knows
+ * the user. Counting takes numbers from Redis in runs (see LeasedRateLimitStore).
  */
 export async function registerRateLimit(app: FastifyInstance, container: Container) {
   const { rateLimit: limits } = container.config;
   await app.register(rateLimit, {
     global: true,
     hook: 'onRequest',
-    redis: container.redis,
-    nameSpace: container.keys.key('rate', ''),
+    // The plugin constructs the store itself.
+    store: LeasedRateLimitStore.on(container.redis, container.keys.key('rate', '')),
     timeWindow: 60_000,
     max: (request) => (request.auth ? limits.userPerMinute : limits.publicPerMinute),
     keyGenerator: (request) => (request.auth ? `u:${request.auth.userId}` : `ip:${request.ip}`),

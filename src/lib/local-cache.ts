@@ -1,0 +1,210 @@
+import type { Logger } from './logger.js';
+import { createWorkerRedis, type Redis } from './redis.js';
+
+interface Entry<V> {
+  value: V;
+  expiresAt: number;
+}
+
+/**
+ * A cache in this process's memory, in front of Redis, for answers read on nearly every request.
+ * Every entry is dropped by an invalidation published over Redis (see `InvalidationBus`), so a
+ * change made through any instance reaches every other one in the time a pub/sub message takes;
+ * the TTL only bounds the damage of a change made behind the service's back.
+ *
+ * Loads and invalidations can cross: a load that started before an invalidation of its key (or
+ * before the bus lost its connection) is not stored, so a stale value is never cached after the
+ * invalidation that should have removed it. `begin()` takes the ticket a load passes to `set`.
+ */
+export class LocalCache<V> {
+  private readonly entries = new Map<string, Entry<V>>();
+  /** Sequence number of the last invalidation of each key, pruned with `floor`. */
+  private readonly dropped = new Map<string, number>();
+  /** Loads that began at or before this are refused (a clear, or pruned invalidations). */
+  private floor = 0;
+  private sequence = 0;
+
+  constructor(
+    readonly name: string,
+    private readonly options: {
+      ttlMs: number;
+      maxEntries: number;
+      /** False while invalidations may be missed (bus down): nothing is served or stored. */
+      live: () => boolean;
+    },
+  ) {}
+
+  get size(): number {
+    return this.entries.size;
+  }
+
+  get(key: string): V | undefined {
+    if (!this.options.live()) return undefined;
+    const entry = this.entries.get(key);
+    if (!entry) return undefined;
+    if (entry.expiresAt <= Date.now()) {
+      this.entries.delete(key);
+      return undefined;
+    }
+    return entry.value;
+  }
+
+  /** A ticket for a load about to read the source of truth. */
+  begin(): number {
+    return ++this.sequence;
+  }
+
+  /** Stores what a load read, unless its key was invalidated since `ticket` was taken. */
+  set(key: string, value: V, ticket: number, ttlMs = this.options.ttlMs): boolean {
+    if (!this.options.live() || this.options.ttlMs <= 0) return false;
+    if (ticket <= this.floor || (this.dropped.get(key) ?? 0) >= ticket) return false;
+    if (this.entries.size >= this.options.maxEntries && !this.entries.has(key)) {
+      // Oldest first: Map keeps insertion order.
+      const oldest = this.entries.keys().next().value;
+      if (oldest !== undefined) this.entries.delete(oldest);
+    }
+    this.entries.set(key, { value, expiresAt: Date.now() + Math.min(ttlMs, this.options.ttlMs) });
+    return true;
+  }
+
+  /** Forgets a key, and refuses the loads of it already under way. */
+  drop(key: string): void {
+    this.entries.delete(key);
+    this.dropped.set(key, ++this.sequence);
+    if (this.dropped.size > 10_000) {
+      this.dropped.clear();
+      this.floor = this.sequence;
+    }
+  }
+
+  clear(): void {
+    this.entries.clear();
+    this.dropped.clear();
+    this.floor = ++this.sequence;
+  }
+}
+
+export interface InvalidationBusOptions {
+  redisUrl: string;
+  /** Channel name (already under the Redis key prefix). */
+  channel: string;
+  /** The command connection that publishes. */
+  redis: Redis;
+  /** TTL of each cache's entries; 0 turns the process caches off. */
+  ttlMs: number;
+  logger: Logger;
+}
+
+/**
+ * Invalidations of the process caches, over Redis pub/sub: `invalidate` drops the keys here at
+ * once and tells every other instance. Pub/sub delivers at most once, so the caches serve nothing
+ * unless the subscription is known to be live: they are emptied when its connection drops and
+ * again when the subscription is confirmed after a reconnect. Until `start()` has subscribed
+ * (or in a process that never starts it, like the worker), every lookup misses.
+ */
+export class InvalidationBus {
+  private readonly caches = new Map<string, LocalCache<unknown>>();
+  private subscriber: Redis | undefined;
+  private live = false;
+  private stopped = false;
+
+  constructor(private readonly o: InvalidationBusOptions) {}
+
+  get enabled(): boolean {
+    return this.o.ttlMs > 0;
+  }
+
+  get isLive(): boolean {
+    return this.live;
+  }
+
+  cache<V>(name: string, maxEntries: number): LocalCache<V> {
+    const cache = new LocalCache<V>(name, {
+      ttlMs: this.o.ttlMs,
+      maxEntries,
+      live: () => this.live,
+    });
+    this.caches.set(name, cache as LocalCache<unknown>);
+    return cache;
+  }
+
+  async start(): Promise<void> {
+    if (!this.enabled || this.subscriber) return;
+    const subscriber = createWorkerRedis(this.o.redisUrl);
+    // Subscribed again by hand on every connect, so that "live" means "confirmed subscribed".
+    subscriber.options.autoResubscribe = false;
+    this.subscriber = subscriber;
+    subscriber.on('error', () => {});
+    subscriber.on('close', () => this.down());
+    subscriber.on('message', (channel: string, message: string) => {
+      if (channel === this.o.channel) this.apply(message);
+    });
+    const confirmed = new Promise<void>((resolve) => {
+      subscriber.on('ready', () => {
+        void this.subscribe(subscriber).then(resolve);
+      });
+    });
+    // Start-up does not wait for Redis: until the subscription is confirmed, lookups miss.
+    await Promise.race([confirmed, new Promise((resolve) => setTimeout(resolve, 1000).unref())]);
+  }
+
+  private async subscribe(subscriber: Redis) {
+    try {
+      await subscriber.subscribe(this.o.channel);
+      if (this.stopped) return;
+      // Whatever was published while we were not subscribed is lost: start empty.
+      for (const cache of this.caches.values()) cache.clear();
+      this.live = true;
+    } catch (error) {
+      this.o.logger.warn({ err: (error as Error).message }, 'cache invalidation subscribe failed');
+    }
+  }
+
+  private down() {
+    if (!this.live) return;
+    this.live = false;
+    for (const cache of this.caches.values()) cache.clear();
+  }
+
+  /** Message: `<cache>\n<key>\n<key>...`. */
+  private apply(message: string) {
+    const lines = message.split('\n');
+    const cache = this.caches.get(lines[0] ?? '');
+    if (!cache) return;
+    for (let i = 1; i < lines.length; i++) cache.drop(lines[i]!);
+  }
+
+  /**
+   * Drops keys of a cache here and in every instance. Call it after the change is committed; a
+   * failed publish is thrown to the caller (the other instances would keep stale answers).
+   */
+  async invalidate(name: string, keys: string[]): Promise<void> {
+    if (keys.length === 0) return;
+    const cache = this.caches.get(name);
+    for (const key of keys) cache?.drop(key);
+    if (!this.enabled) return;
+    await this.o.redis.publish(this.o.channel, this.message(name, keys));
+  }
+
+  /** The PUBLISH arguments of an invalidation, to send inside a caller's MULTI. */
+  message(name: string, keys: string[]): string {
+    return [name, ...keys].join('\n');
+  }
+
+  get channel(): string {
+    return this.o.channel;
+  }
+
+  /** Drops keys here only (the caller publishes `message()` itself). */
+  dropLocal(name: string, keys: string[]): void {
+    const cache = this.caches.get(name);
+    for (const key of keys) cache?.drop(key);
+  }
+
+  async close(): Promise<void> {
+    this.stopped = true;
+    this.live = false;
+    this.subscriber?.disconnect();
+    this.subscriber = undefined;
+  }
+}
