@@ -4,7 +4,7 @@ import { OtpService } from './auth/otp-service.js';
 import { SessionService } from './auth/session-service.js';
 import { TokenService } from './auth/token-service.js';
 import { QuotaService } from './billing/quota-service.js';
-import { currentTier, type Tier, tierOf as tierFromRows } from './billing/tier.js';
+import { type Tier, tierOf as tierFromRows } from './billing/tier.js';
 import { CancelBus } from './chat/cancel-bus.js';
 import { ChatRepository } from './chat/chat-repository.js';
 import { ChatService } from './chat/chat-service.js';
@@ -13,7 +13,6 @@ import { RoomListCache } from './chat/room-list-cache.js';
 import type { Config } from './config.js';
 import { createDatabase, type DatabaseHandle, ensureDatabase } from './db/client.js';
 import { runMigrations } from './db/migrate.js';
-import type { SubscriptionRow } from './db/schema/index.js';
 import { type Clock, systemClock } from './lib/clock.js';
 import { InvalidationBus } from './lib/local-cache.js';
 import type { Logger } from './lib/logger.js';
@@ -21,7 +20,7 @@ import { Metrics } from './lib/metrics.js';
 import { connectRedis, createRedis, type Redis, RedisKeys } from './lib/redis.js';
 import { createLlmProvider, type LlmProvider } from './llm/index.js';
 import { createMaintenanceQueue, createReplyQueue, type ReplyJob } from './queue/queues.js';
-import { UserRepository } from './users/user-repository.js';
+import { type TierFacts, UserRepository } from './users/user-repository.js';
 
 /** Everything the API and the worker share; `close()` closes what it opened. */
 export interface Container {
@@ -50,7 +49,7 @@ export interface Container {
   /** The user's tier, read fresh from the database. */
   tierOf(userId: string): Promise<Tier>;
   /** The tier that subscriptions just read from the database give (see `tierOf`). */
-  tierFrom(subscriptions: SubscriptionRow[]): Tier;
+  tierFrom(subscriptions: TierFacts[]): Tier;
   /** Daily prompt limit of a tier; null is unlimited. */
   limitFor(tier: Tier): number | null;
   close(): Promise<void>;
@@ -123,9 +122,10 @@ export async function createContainer(
   const cancelBus = new CancelBus(redis, keys);
   const replyQueue = createReplyQueue(redis, config.redisPrefix);
   const maintenanceQueue = createMaintenanceQueue(redis, config.redisPrefix);
-  const tierOf = (userId: string) => currentTier(db, userId, clock.now(), config.pastDueGraceDays);
-  const tierFrom = (rows: SubscriptionRow[]) =>
-    tierFromRows(rows, clock.now(), config.pastDueGraceDays);
+  const tierFrom = (rows: TierFacts[]) => tierFromRows(rows, clock.now(), config.pastDueGraceDays);
+  // Through the batched account read: one query for the tiers of many concurrent prompts.
+  const tierOf = async (userId: string) =>
+    tierFrom((await users.findWithSubscriptions(userId))?.subscriptions ?? []);
   const limitFor = (tier: Tier) => (tier === 'pro' ? config.proDailyLimit : config.basicDailyLimit);
   const metrics = new Metrics();
   const chat = new ChatService({

@@ -1,3 +1,4 @@
+import { batched } from '../lib/batch.js';
 import type { Clock } from '../lib/clock.js';
 import { nextUtcMidnight, utcDay } from '../lib/clock.js';
 import { AppError } from '../lib/errors.js';
@@ -51,8 +52,45 @@ export interface QuotaServiceOptions {
  * requests can never overshoot the limit; PostgreSQL (each reply's quota day) is the record the
  * counter is rebuilt from.
  */
+type ReserveResult = [status: number, used: number];
+interface ReserveCall {
+  key: string;
+  limit: number;
+  ttl: number;
+  seed: number;
+}
+type ReserveCommand = (
+  key: string,
+  limit: number,
+  ttl: number,
+  seed: number,
+) => Promise<ReserveResult>;
+
 export class QuotaService {
-  constructor(private readonly o: QuotaServiceOptions) {}
+  /**
+   * The reservations of the moment, sent to Redis in one pipeline (`batched`), each as EVALSHA
+   * of the script ioredis loaded once.
+   */
+  private readonly reserveBatch: (call: ReserveCall) => Promise<ReserveResult>;
+
+  constructor(private readonly o: QuotaServiceOptions) {
+    const redis = o.redis as unknown as { quotaReserve?: ReserveCommand };
+    if (!redis.quotaReserve) {
+      o.redis.defineCommand('quotaReserve', { numberOfKeys: 1, lua: RESERVE_SCRIPT });
+    }
+    this.reserveBatch = batched(async (calls: readonly ReserveCall[]) => {
+      const pipeline = o.redis.pipeline() as unknown as {
+        quotaReserve: (...args: Parameters<ReserveCommand>) => void;
+        exec(): Promise<Array<[Error | null, unknown]> | null>;
+      };
+      for (const c of calls) pipeline.quotaReserve(c.key, c.limit, c.ttl, c.seed);
+      const results = (await pipeline.exec()) ?? [];
+      return calls.map((_, i) => {
+        const [error, result] = results[i] ?? [new Error('no reply from Redis'), null];
+        return error ?? (result as ReserveResult);
+      });
+    });
+  }
 
   private key(userId: string, day: string) {
     return this.o.keys.key('quota', userId, day);
@@ -80,10 +118,7 @@ export class QuotaService {
     const now = this.o.clock.now();
     const { day, resetsAt, ttl } = this.window(now);
     const key = this.key(userId, day);
-    const run = (seed: number) =>
-      this.o.redis.eval(RESERVE_SCRIPT, 1, key, limit ?? -1, ttl, seed) as Promise<
-        [number, number]
-      >;
+    const run = (seed: number) => this.reserveBatch({ key, limit: limit ?? -1, ttl, seed });
     let [status, used] = await run(-1);
     if (status === 2) {
       [status, used] = await run(await this.o.countFromDatabase(userId, day));

@@ -49,7 +49,3 @@ export async function loadSubscriptions(db: DbOrTx, userId: string): Promise<Sub
   }
   return statement.execute({ userId });
 }
-
-export async function currentTier(db: DbOrTx, userId: string, now: Date, graceDays: number) {
-  return tierOf(await loadSubscriptions(db, userId), now, graceDays);
-}

@@ -10,6 +10,7 @@ import {
   type MessageUsage,
   messages,
 } from '../db/schema/index.js';
+import { batched } from '../lib/batch.js';
 
 export const PENDING_STATUSES: MessageStatus[] = ['queued', 'streaming'];
 export const FINAL_STATUSES: MessageStatus[] = ['completed', 'failed', 'cancelled', 'blocked'];
@@ -81,23 +82,22 @@ const relaxedCommit = sql`set_config('synchronous_commit', 'off', true) = 'off'`
 function prepareStatements(db: Database) {
   const pending = inArray(messages.status, PENDING_STATUSES);
   return {
-    findRoom: db
+    findRooms: db
       .select()
       .from(chatrooms)
-      .where(
-        and(
-          eq(chatrooms.id, sql.placeholder('roomId')),
-          eq(chatrooms.userId, sql.placeholder('userId')),
-        ),
-      )
-      .prepare('chat_find_room'),
-    touchRoom: db
+      .where(sql`${chatrooms.id} = any(${sql.placeholder('ids')}::uuid[])`)
+      .prepare('chat_find_rooms'),
+    // A room touched twice in one batch is given once, with its latest time (see touchRooms).
+    touchRooms: db
       .update(chatrooms)
       .set({
-        lastActivityAt: sql`greatest(${chatrooms.lastActivityAt}, ${sql.placeholder('at')}::timestamptz)`,
+        lastActivityAt: sql`greatest(${chatrooms.lastActivityAt}, touched.at)`,
       })
-      .where(and(eq(chatrooms.id, sql.placeholder('roomId')), relaxedCommit))
-      .prepare('chat_touch_room'),
+      .from(
+        sql`unnest(${sql.placeholder('ids')}::uuid[], ${sql.placeholder('ats')}::timestamptz[]) as touched(id, at)`,
+      )
+      .where(and(sql`${chatrooms.id} = touched.id`, relaxedCommit))
+      .prepare('chat_touch_rooms'),
     insertPromptAndReply: db
       .insert(messages)
       .values([
@@ -202,11 +202,78 @@ function prepareStatements(db: Database) {
   };
 }
 
+export interface PromptAndReply {
+  promptId: string;
+  replyId: string;
+  roomId: string;
+  userId: string;
+  content: string;
+  idempotencyKey: string | null;
+  quotaDay: string;
+  promptAt: Date;
+  replyAt: Date;
+}
+
+/** The two rows of a prompt, as `chat_insert_prompt_reply` writes them. */
+function promptAndReplyRows(v: PromptAndReply): Array<typeof messages.$inferInsert> {
+  return [
+    {
+      id: v.promptId,
+      chatroomId: v.roomId,
+      userId: v.userId,
+      role: 'user',
+      content: v.content,
+      status: 'completed',
+      idempotencyKey: v.idempotencyKey,
+      createdAt: v.promptAt,
+      completedAt: v.promptAt,
+    },
+    {
+      id: v.replyId,
+      chatroomId: v.roomId,
+      userId: v.userId,
+      role: 'assistant',
+      status: 'queued',
+      replyToId: v.promptId,
+      quotaDay: v.quotaDay,
+      createdAt: v.replyAt,
+    },
+  ];
+}
+
+/** Prompts per INSERT, so at most this many statements are prepared (one per size). */
+const INSERT_BATCH_MAX = 64;
+
+interface PreparedInsert {
+  execute(params: Record<string, unknown>): Promise<MessageRow[]>;
+}
+
+const asError = (error: unknown) => (error instanceof Error ? error : new Error(String(error)));
+
 export class ChatRepository {
   private readonly statements: ReturnType<typeof prepareStatements>;
 
+  /*
+   * The reads and writes of every prompt, batched with those of the other requests of the moment
+   * (see `batched`): one query each for many concurrent prompts.
+   */
+  private readonly roomById: (id: string) => Promise<ChatroomRow | undefined>;
+  private readonly touchBatch: (touch: { roomId: string; at: Date }) => Promise<void>;
+  private readonly insertBatch: (values: PromptAndReply) => Promise<[MessageRow, MessageRow]>;
+  private readonly insertStatements = new Map<number, PreparedInsert>();
+
   constructor(private readonly db: Database) {
     this.statements = prepareStatements(db);
+    this.roomById = batched(async (ids: readonly string[]) => {
+      const rows = await this.statements.findRooms.execute({ ids: [...new Set(ids)] });
+      const byId = new Map(rows.map((row) => [row.id, row]));
+      return ids.map((id) => byId.get(id));
+    });
+    this.touchBatch = batched(async (touches) => {
+      await this.touchRooms(touches);
+      return touches.map(() => undefined);
+    });
+    this.insertBatch = batched((batch) => this.insertPromptsAndReplies(batch), INSERT_BATCH_MAX);
   }
 
   async listRooms(userId: string, limit: number): Promise<ChatroomRow[]> {
@@ -220,8 +287,8 @@ export class ChatRepository {
 
   async findRoom(userId: string, roomId: string, tx: DbOrTx = this.db) {
     if (tx === this.db) {
-      const [row] = await this.statements.findRoom.execute({ roomId, userId });
-      return row;
+      const row = await this.roomById(roomId);
+      return row?.userId === userId ? row : undefined;
     }
     const [row] = await tx
       .select()
@@ -264,13 +331,25 @@ export class ChatRepository {
   /** Records activity at `at`; never moves a room's activity back (touches may commit late). */
   async touchRoom(roomId: string, at: Date, tx: DbOrTx = this.db) {
     if (tx === this.db) {
-      await this.statements.touchRoom.execute({ roomId, at });
+      await this.touchBatch({ roomId, at });
       return;
     }
     await tx
       .update(chatrooms)
       .set({ lastActivityAt: sql`greatest(${chatrooms.lastActivityAt}, ${at})` })
       .where(eq(chatrooms.id, roomId));
+  }
+
+  private async touchRooms(touches: ReadonlyArray<{ roomId: string; at: Date }>) {
+    const latest = new Map<string, Date>();
+    for (const { roomId, at } of touches) {
+      const known = latest.get(roomId);
+      if (!known || known < at) latest.set(roomId, at);
+    }
+    await this.statements.touchRooms.execute({
+      ids: [...latest.keys()],
+      ats: [...latest.values()].map((at) => at.toISOString()),
+    });
   }
 
   /** A page of a room's messages, newest first, strictly before `before`. */
@@ -340,21 +419,70 @@ export class ChatRepository {
   }
 
   /**
-   * A prompt and its queued reply in one statement (atomic on its own): the reply answers the
-   * prompt and counts against `quotaDay`. Returns [prompt, reply].
+   * A prompt and its queued reply, stored together atomically: the reply answers the prompt and
+   * counts against `quotaDay`. Returns [prompt, reply]. Concurrent calls share one multi-row
+   * INSERT (one statement, one commit); if that fails, each is retried on its own, so one bad
+   * row (a room deleted meanwhile, a repeated idempotency key) fails only its own call.
    */
-  async insertPromptAndReply(values: {
-    promptId: string;
-    replyId: string;
-    roomId: string;
-    userId: string;
-    content: string;
-    idempotencyKey: string | null;
-    quotaDay: string;
-    promptAt: Date;
-    replyAt: Date;
-  }): Promise<[MessageRow, MessageRow]> {
-    const rows = await this.statements.insertPromptAndReply.execute(values);
+  async insertPromptAndReply(values: PromptAndReply): Promise<[MessageRow, MessageRow]> {
+    return this.insertBatch(values);
+  }
+
+  private async insertPromptsAndReplies(
+    batch: readonly PromptAndReply[],
+  ): Promise<Array<[MessageRow, MessageRow] | Error>> {
+    if (batch.length === 1) return [await this.insertOne(batch[0]!).catch(asError)];
+    let rows: MessageRow[];
+    try {
+      const params: Record<string, unknown> = {};
+      batch.forEach((values, i) => {
+        for (const [name, value] of Object.entries(values)) params[`${name}${i}`] = value;
+      });
+      rows = await this.insertStatement(batch.length).execute(params);
+    } catch {
+      return Promise.all(batch.map((values) => this.insertOne(values).catch(asError)));
+    }
+    const byId = new Map(rows.map((row) => [row.id, row]));
+    return batch.map((values) => {
+      const prompt = byId.get(values.promptId);
+      const reply = byId.get(values.replyId);
+      return prompt && reply ? [prompt, reply] : new Error('insert returned no rows');
+    });
+  }
+
+  /**
+   * The INSERT of `n` prompts and their replies, built and prepared once per size: drizzle's
+   * query building for 2n rows on every batch had become the largest cost of accepting.
+   */
+  private insertStatement(n: number) {
+    let statement = this.insertStatements.get(n);
+    if (!statement) {
+      const rows = Array.from({ length: n }, (_, i) => {
+        const p = (name: keyof PromptAndReply) => sql.placeholder(`${name}${i}`) as never;
+        return promptAndReplyRows({
+          promptId: p('promptId'),
+          replyId: p('replyId'),
+          roomId: p('roomId'),
+          userId: p('userId'),
+          content: p('content'),
+          idempotencyKey: p('idempotencyKey'),
+          quotaDay: p('quotaDay'),
+          promptAt: p('promptAt'),
+          replyAt: p('replyAt'),
+        });
+      });
+      statement = this.db
+        .insert(messages)
+        .values(rows.flat())
+        .returning()
+        .prepare(`chat_insert_prompts_${n}`);
+      this.insertStatements.set(n, statement);
+    }
+    return statement;
+  }
+
+  private async insertOne(values: PromptAndReply): Promise<[MessageRow, MessageRow]> {
+    const rows = await this.statements.insertPromptAndReply.execute({ ...values });
     const prompt = rows.find((row) => row.id === values.promptId);
     const reply = rows.find((row) => row.id === values.replyId);
     if (!prompt || !reply) throw new Error('insert returned no rows');

@@ -4,6 +4,7 @@ import type { QuotaService, Reservation } from '../billing/quota-service.js';
 import type { Tier } from '../billing/tier.js';
 import type { Database } from '../db/client.js';
 import type { MessageRow } from '../db/schema/index.js';
+import { batched } from '../lib/batch.js';
 import type { Clock } from '../lib/clock.js';
 import { AppError, notFound } from '../lib/errors.js';
 import type { Logger } from '../lib/logger.js';
@@ -42,7 +43,21 @@ export interface Accepted {
 }
 
 export class ChatService {
-  constructor(private readonly o: ChatServiceOptions) {}
+  /** The replies queued at the moment, added to the queue in one round trip (`addBulk`). */
+  private readonly enqueueBatch: (messageId: string) => Promise<void>;
+
+  constructor(private readonly o: ChatServiceOptions) {
+    this.enqueueBatch = batched(async (ids: readonly string[]) => {
+      await o.replyQueue.addBulk(
+        ids.map((messageId) => ({
+          name: 'reply',
+          data: { messageId },
+          opts: { ...replyJobOptions(), jobId: messageId },
+        })),
+      );
+      return ids.map(() => undefined);
+    });
+  }
 
   async listRooms(userId: string): Promise<CacheResult> {
     return this.o.cache.get(userId, async () =>
@@ -164,11 +179,14 @@ export class ChatService {
       });
     } catch (error) {
       await this.o.quota.release(userId, usage.day).catch(() => {});
+      const code = (error as { cause?: { code?: string } }).cause?.code;
       // Two requests with the same key raced: the loser returns the winner's result.
-      if (idempotencyKey && (error as { cause?: { code?: string } }).cause?.code === '23505') {
+      if (idempotencyKey && code === '23505') {
         const earlier = await this.replay(userId, roomId, idempotencyKey, content);
         if (earlier) return earlier;
       }
+      // The room was deleted after the check above.
+      if (code === '23503') throw notFound('Chatroom');
       throw error;
     }
     const [userMessage, assistantMessage] = stored;
@@ -277,11 +295,7 @@ export class ChatService {
 
   private async enqueue(messageId: string) {
     try {
-      await this.o.replyQueue.add(
-        'reply',
-        { messageId },
-        { ...replyJobOptions(), jobId: messageId },
-      );
+      await this.enqueueBatch(messageId);
     } catch (error) {
       // The reply is stored as queued: the sweeper will queue it once Redis answers again.
       this.o.logger.warn(

@@ -1,3 +1,4 @@
+import { batched } from '../lib/batch.js';
 import type { InvalidationBus, LocalCache } from '../lib/local-cache.js';
 import type { Redis, RedisKeys } from '../lib/redis.js';
 import type { ChatroomDto } from './message-dto.js';
@@ -24,6 +25,7 @@ export class RoomListCache {
   private readonly local: LocalCache<string>;
   /** Loads under way in this process: concurrent misses for one user share one. */
   private readonly loading = new Map<string, Promise<CacheResult>>();
+  private readonly invalidateBatch: (userId: string) => Promise<undefined>;
 
   constructor(
     private readonly redis: Redis,
@@ -31,6 +33,7 @@ export class RoomListCache {
     private readonly invalidation: InvalidationBus,
   ) {
     this.local = invalidation.cache<string>(LOCAL_CACHE, 50_000);
+    this.invalidateBatch = batched((userIds: readonly string[]) => this.invalidateAll(userIds));
   }
 
   private listKey(userId: string) {
@@ -93,16 +96,26 @@ export class RoomListCache {
     }
   }
 
-  /** Call after any change to the user's list (create, rename, delete, new activity). */
+  /**
+   * Call after any change to the user's list (create, rename, delete, new activity). The
+   * invalidations of the moment go to Redis as one MULTI (`batched`), with one message on the bus.
+   */
   async invalidate(userId: string): Promise<void> {
+    this.invalidation.dropLocal(LOCAL_CACHE, [userId]);
+    await this.invalidateBatch(userId);
+  }
+
+  private async invalidateAll(userIds: readonly string[]): Promise<undefined[]> {
     const bus = this.invalidation;
-    bus.dropLocal(LOCAL_CACHE, [userId]);
-    await this.redis
-      .multi()
-      .incr(this.versionKey(userId))
-      .expire(this.versionKey(userId), 86_400)
-      .del(this.listKey(userId))
-      .publish(bus.channel, bus.message(LOCAL_CACHE, [userId]))
-      .exec();
+    const unique = [...new Set(userIds)];
+    const multi = this.redis.multi();
+    for (const userId of unique) {
+      multi
+        .incr(this.versionKey(userId))
+        .expire(this.versionKey(userId), 86_400)
+        .del(this.listKey(userId));
+    }
+    await multi.publish(bus.channel, bus.message(LOCAL_CACHE, unique)).exec();
+    return userIds.map(() => undefined);
   }
 }

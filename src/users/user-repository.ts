@@ -1,11 +1,54 @@
 import { desc, eq, sql } from 'drizzle-orm';
 import type { DbOrTx } from '../db/client.js';
 import { type SubscriptionRow, subscriptions, type UserRow, users } from '../db/schema/index.js';
+import { batched } from '../lib/batch.js';
+
+const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i;
+
+/** What the profile shows of a user: no hash, no Stripe id. */
+export interface Profile {
+  id: string;
+  mobile: string;
+  name: string | null;
+  email: string | null;
+  verified: boolean;
+  hasPassword: boolean;
+  createdAt: Date;
+}
+
+/** The columns of a subscription that decide the tier (see `tierOf`). */
+export type TierFacts = Pick<
+  SubscriptionRow,
+  'status' | 'pastDueSince' | 'currentPeriodEnd' | 'cancelAtPeriodEnd'
+>;
+
+export interface Account {
+  profile: Profile;
+  subscriptions: TierFacts[];
+}
+
+export function profileOf(user: UserRow): Profile {
+  return {
+    id: user.id,
+    mobile: user.mobile,
+    name: user.name,
+    email: user.email,
+    verified: user.verifiedAt !== null,
+    hasPassword: user.passwordHash !== null,
+    createdAt: user.createdAt,
+  };
+}
 
 export class UserRepository {
   /** `findById` runs on every authenticated profile read: built once, prepared by name. */
   private readonly byId;
   private readonly withSubscriptions;
+  /**
+   * Reads of a user with their subscriptions, batched: the ones asked for while this process
+   * handled one round of I/O go to PostgreSQL as one query (`id = any($1)`). Each read is still
+   * made after it was asked for, so it sees every change committed before that.
+   */
+  private readonly accounts: (id: string) => Promise<Account | undefined>;
 
   constructor(private readonly db: DbOrTx) {
     this.byId = db
@@ -14,28 +57,62 @@ export class UserRepository {
       .where(eq(users.id, sql.placeholder('id')))
       .prepare('users_by_id');
     this.withSubscriptions = db
-      .select({ user: users, subscription: subscriptions })
+      .select({
+        id: users.id,
+        mobile: users.mobile,
+        name: users.name,
+        email: users.email,
+        verified: sql<boolean>`${users.verifiedAt} is not null`,
+        hasPassword: sql<boolean>`${users.passwordHash} is not null`,
+        createdAt: users.createdAt,
+        status: subscriptions.status,
+        pastDueSince: subscriptions.pastDueSince,
+        currentPeriodEnd: subscriptions.currentPeriodEnd,
+        cancelAtPeriodEnd: subscriptions.cancelAtPeriodEnd,
+      })
       .from(users)
       .leftJoin(subscriptions, eq(subscriptions.userId, users.id))
-      .where(eq(users.id, sql.placeholder('id')))
+      .where(sql`${users.id} = any(${sql.placeholder('ids')}::uuid[])`)
       .orderBy(desc(subscriptions.updatedAt))
       .prepare('users_with_subscriptions');
+    this.accounts = batched((ids: readonly string[]) => this.loadAccounts(ids));
+  }
+
+  private async loadAccounts(ids: readonly string[]): Promise<Array<Account | undefined>> {
+    // One malformed id must not fail the others' batch (ids come from tokens, so none should be).
+    const valid = [...new Set(ids)].filter((id) => UUID.test(id));
+    const rows = valid.length > 0 ? await this.withSubscriptions.execute({ ids: valid }) : [];
+    const found = new Map<string, Account>();
+    for (const row of rows) {
+      let account = found.get(row.id);
+      if (!account) {
+        const { id, mobile, name, email, verified, hasPassword, createdAt } = row;
+        account = {
+          profile: { id, mobile, name, email, verified, hasPassword, createdAt },
+          subscriptions: [],
+        };
+        found.set(row.id, account);
+      }
+      const { status, pastDueSince, currentPeriodEnd, cancelAtPeriodEnd } = row;
+      if (status !== null) {
+        account.subscriptions.push({
+          status,
+          pastDueSince,
+          currentPeriodEnd,
+          cancelAtPeriodEnd: cancelAtPeriodEnd ?? false,
+        });
+      }
+    }
+    return ids.map((id) => found.get(id));
   }
 
   /**
-   * The user and their subscriptions (newest first, as `loadSubscriptions` orders them) in one
-   * round trip, for `GET /user/me` which needs both.
+   * The user and their subscriptions (newest first, as `loadSubscriptions` orders them), read
+   * fresh, in one round trip shared with the other reads of the moment (`GET /user/me`, the
+   * tier of each prompt).
    */
-  async findWithSubscriptions(
-    id: string,
-  ): Promise<{ user: UserRow; subscriptions: SubscriptionRow[] } | undefined> {
-    const rows = await this.withSubscriptions.execute({ id });
-    const user = rows[0]?.user;
-    if (!user) return undefined;
-    return {
-      user,
-      subscriptions: rows.flatMap((row) => (row.subscription ? [row.subscription] : [])),
-    };
+  async findWithSubscriptions(id: string): Promise<Account | undefined> {
+    return this.accounts(id);
   }
 
   async findByMobile(mobile: string, tx: DbOrTx = this.db): Promise<UserRow | undefined> {

@@ -4,19 +4,21 @@ import type { Tier } from '../../billing/tier.js';
 import type { Container } from '../../container.js';
 import type { UserRow } from '../../db/schema/index.js';
 import { AppError } from '../../lib/errors.js';
+import { type Profile, profileOf } from '../../users/user-repository.js';
 import { caller, type Protected } from '../plugins/auth.js';
 import { bearer, errorResponses, textInput, toIso, userSchema } from '../schemas.js';
 
-export function toUserDto(user: UserRow, tier: Tier): z.infer<typeof userSchema> {
+export function toUserDto(user: UserRow | Profile, tier: Tier): z.infer<typeof userSchema> {
+  const profile = 'passwordHash' in user ? profileOf(user) : user;
   return {
-    id: user.id,
-    mobile: user.mobile,
-    name: user.name,
-    email: user.email,
+    id: profile.id,
+    mobile: profile.mobile,
+    name: profile.name,
+    email: profile.email,
     tier,
-    verified: user.verifiedAt !== null,
-    hasPassword: user.passwordHash !== null,
-    createdAt: toIso(user.createdAt),
+    verified: profile.verified,
+    hasPassword: profile.hasPassword,
+    createdAt: toIso(profile.createdAt),
   };
 }
 
@@ -40,10 +42,11 @@ export const userRoutes =
       },
       async (request) => {
         const { userId } = caller(request);
-        // One query for both; the tier is still read fresh from the database.
+        // One query for both (batched with the reads of the moment), made for this request: the
+        // tier is read fresh from the database.
         const found = await container.users.findWithSubscriptions(userId);
         if (!found) throw gone();
-        return toUserDto(found.user, container.tierFrom(found.subscriptions));
+        return toUserDto(found.profile, container.tierFrom(found.subscriptions));
       },
     );
 
