@@ -24,22 +24,16 @@ function hotQueries(
       params: [s.sessionId ?? s.userId, new Date()],
     },
     {
-      name: 'find room (chat_find_room)',
-      path: 'POST /chatroom/:id/message',
-      sql: `select * from "chatrooms" where ("chatrooms"."id" = $1 and "chatrooms"."user_id" = $2)`,
-      params: [s.roomId, s.userId],
+      name: 'find rooms, batched (chat_find_rooms)',
+      path: 'POST /chatroom/:id/message and every /chatroom/:id route',
+      sql: `select * from "chatrooms" where "chatrooms"."id" = any($1::uuid[])`,
+      params: [[s.roomId]],
     },
     {
-      name: 'subscriptions of a user (tier_subscriptions)',
-      path: 'POST /chatroom/:id/message (tier)',
-      sql: `select * from "subscriptions" where "subscriptions"."user_id" = $1 order by "subscriptions"."updated_at" desc`,
-      params: [s.userId],
-    },
-    {
-      name: 'user with subscriptions (users_with_subscriptions)',
-      path: 'GET /user/me',
-      sql: `select * from "users" left join "subscriptions" on "subscriptions"."user_id" = "users"."id" where "users"."id" = $1 order by "subscriptions"."updated_at" desc`,
-      params: [s.userId],
+      name: 'users with the tier facts of their subscriptions, batched (users_with_subscriptions)',
+      path: 'GET /user/me, and the tier of every prompt',
+      sql: `select "users"."id", "users"."mobile", "users"."name", "users"."email", "users"."verified_at" is not null, "users"."password_hash" is not null, "users"."created_at", "subscriptions"."status", "subscriptions"."past_due_since", "subscriptions"."current_period_end", "subscriptions"."cancel_at_period_end" from "users" left join "subscriptions" on "subscriptions"."user_id" = "users"."id" where "users"."id" = any($1::uuid[]) order by "subscriptions"."updated_at" desc`,
+      params: [[s.userId]],
     },
     {
       name: 'room list (cache miss)',
@@ -48,7 +42,7 @@ function hotQueries(
       params: [s.userId, 500],
     },
     {
-      name: 'insert prompt and reply (chat_insert_prompt_reply)',
+      name: 'insert prompt and reply (chat_insert_prompt_reply; chat_insert_prompts_<n> repeats the two rows n times)',
       path: 'POST /chatroom/:id/message',
       sql: `insert into "messages" ("id", "chatroom_id", "user_id", "role", "content", "status", "reply_to_id", "quota_day", "idempotency_key", "created_at", "completed_at")
             values (gen_random_uuid(), $1, $2, 'user', 'explain', 'completed', default, default, null, now(), now()),
@@ -56,10 +50,10 @@ function hotQueries(
       params: [s.roomId, s.userId, s.promptId],
     },
     {
-      name: 'touch room (chat_touch_room)',
+      name: 'touch rooms, batched (chat_touch_rooms)',
       path: 'POST /chatroom/:id/message',
-      sql: `update "chatrooms" set "last_activity_at" = greatest("chatrooms"."last_activity_at", $1::timestamptz) where ("chatrooms"."id" = $2 and set_config('synchronous_commit', 'off', true) = 'off')`,
-      params: [new Date(), s.roomId],
+      sql: `update "chatrooms" set "last_activity_at" = greatest("chatrooms"."last_activity_at", touched.at) from unnest($1::uuid[], $2::timestamptz[]) as touched(id, at) where ("chatrooms"."id" = touched.id and set_config('synchronous_commit', 'off', true) = 'off')`,
+      params: [[s.roomId], [new Date().toISOString()]],
     },
     {
       name: 'start a reply with its prompt and room (chat_start_reply)',

@@ -1,6 +1,7 @@
-import { desc, eq, sql } from 'drizzle-orm';
+import { eq, sql } from 'drizzle-orm';
+import type pg from 'pg';
 import type { DbOrTx } from '../db/client.js';
-import { type SubscriptionRow, subscriptions, type UserRow, users } from '../db/schema/index.js';
+import { type SubscriptionRow, type UserRow, users } from '../db/schema/index.js';
 import { batched } from '../lib/batch.js';
 
 const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i;
@@ -22,6 +23,28 @@ export type TierFacts = Pick<
   'status' | 'pastDueSince' | 'currentPeriodEnd' | 'cancelAtPeriodEnd'
 >;
 
+/** A user and their subscriptions' tier facts, newest first (as `loadSubscriptions` orders them). */
+const ACCOUNTS_SQL = `
+  select u.id, u.mobile, u.name, u.email, u.verified_at is not null, u.password_hash is not null,
+         u.created_at, s.status, s.past_due_since, s.current_period_end, s.cancel_at_period_end
+  from users u left join subscriptions s on s.user_id = u.id
+  where u.id = any($1::uuid[])
+  order by s.updated_at desc`;
+
+type AccountRow = [
+  id: string,
+  mobile: string,
+  name: string | null,
+  email: string | null,
+  verified: boolean,
+  hasPassword: boolean,
+  createdAt: Date,
+  status: SubscriptionRow['status'] | null,
+  pastDueSince: Date | null,
+  currentPeriodEnd: Date | null,
+  cancelAtPeriodEnd: boolean,
+];
+
 export interface Account {
   profile: Profile;
   subscriptions: TierFacts[];
@@ -42,7 +65,6 @@ export function profileOf(user: UserRow): Profile {
 export class UserRepository {
   /** `findById` runs on every authenticated profile read: built once, prepared by name. */
   private readonly byId;
-  private readonly withSubscriptions;
   /**
    * Reads of a user with their subscriptions, batched: the ones asked for while this process
    * handled one round of I/O go to PostgreSQL as one query (`id = any($1)`). Each read is still
@@ -50,57 +72,43 @@ export class UserRepository {
    */
   private readonly accounts: (id: string) => Promise<Account | undefined>;
 
-  constructor(private readonly db: DbOrTx) {
+  constructor(
+    private readonly db: DbOrTx,
+    private readonly pool: pg.Pool,
+  ) {
     this.byId = db
       .select()
       .from(users)
       .where(eq(users.id, sql.placeholder('id')))
       .prepare('users_by_id');
-    this.withSubscriptions = db
-      .select({
-        id: users.id,
-        mobile: users.mobile,
-        name: users.name,
-        email: users.email,
-        verified: sql<boolean>`${users.verifiedAt} is not null`,
-        hasPassword: sql<boolean>`${users.passwordHash} is not null`,
-        createdAt: users.createdAt,
-        status: subscriptions.status,
-        pastDueSince: subscriptions.pastDueSince,
-        currentPeriodEnd: subscriptions.currentPeriodEnd,
-        cancelAtPeriodEnd: subscriptions.cancelAtPeriodEnd,
-      })
-      .from(users)
-      .leftJoin(subscriptions, eq(subscriptions.userId, users.id))
-      .where(sql`${users.id} = any(${sql.placeholder('ids')}::uuid[])`)
-      .orderBy(desc(subscriptions.updatedAt))
-      .prepare('users_with_subscriptions');
     this.accounts = batched((ids: readonly string[]) => this.loadAccounts(ids));
   }
 
   private async loadAccounts(ids: readonly string[]): Promise<Array<Account | undefined>> {
     // One malformed id must not fail the others' batch (ids come from tokens, so none should be).
     const valid = [...new Set(ids)].filter((id) => UUID.test(id));
-    const rows = valid.length > 0 ? await this.withSubscriptions.execute({ ids: valid }) : [];
     const found = new Map<string, Account>();
-    for (const row of rows) {
-      let account = found.get(row.id);
+    if (valid.length === 0) return ids.map(() => undefined);
+    // pg without drizzle: mapping the joined rows through drizzle's column objects cost more
+    // than the query itself on this path (it runs for every profile read and every prompt).
+    const { rows } = await this.pool.query<AccountRow>({
+      name: 'users_with_subscriptions',
+      text: ACCOUNTS_SQL,
+      values: [valid],
+      rowMode: 'array',
+    });
+    for (const [id, mobile, name, email, verified, hasPassword, createdAt, ...tier] of rows) {
+      let account = found.get(id);
       if (!account) {
-        const { id, mobile, name, email, verified, hasPassword, createdAt } = row;
         account = {
           profile: { id, mobile, name, email, verified, hasPassword, createdAt },
           subscriptions: [],
         };
-        found.set(row.id, account);
+        found.set(id, account);
       }
-      const { status, pastDueSince, currentPeriodEnd, cancelAtPeriodEnd } = row;
+      const [status, pastDueSince, currentPeriodEnd, cancelAtPeriodEnd] = tier;
       if (status !== null) {
-        account.subscriptions.push({
-          status,
-          pastDueSince,
-          currentPeriodEnd,
-          cancelAtPeriodEnd: cancelAtPeriodEnd ?? false,
-        });
+        account.subscriptions.push({ status, pastDueSince, currentPeriodEnd, cancelAtPeriodEnd });
       }
     }
     return ids.map((id) => found.get(id));
