@@ -41,9 +41,10 @@ function* fromDatabase(message: MessageRow, resumed: boolean): Generator<ReplySs
 }
 
 /**
- * Every event of one reply after `lastEventId`: what its Redis Stream holds, then live ones,
- * ending with `done` or `error`. A finished reply whose stream expired is served from
- * PostgreSQL (after a `reset` when the client resumes, since its earlier events are gone).
+ * Every event of one reply after `lastEventId`, in batches (what is ready to send at once): what
+ * its Redis Stream holds, then live ones, ending with `done` or `error`. A finished reply whose
+ * stream expired is served from PostgreSQL (after a `reset` when the client resumes, since its
+ * earlier events are gone).
  */
 export async function* replyEvents(
   deps: ReplyEventsDeps,
@@ -51,29 +52,33 @@ export async function* replyEvents(
   lastEventId: string | null,
   signal: AbortSignal,
   idleMs = 15_000,
-): AsyncGenerator<ReplySseEvent> {
+): AsyncGenerator<ReplySseEvent[]> {
   const resumed = lastEventId !== null && lastEventId !== '';
   const from = lastEventId && isStreamId(lastEventId) ? lastEventId : '0-0';
   if (FINAL_STATUSES.includes(message.status) && !(await deps.streams.exists(message.id))) {
-    yield* fromDatabase(message, resumed);
+    yield [...fromDatabase(message, resumed)];
     return;
   }
   let sent = resumed;
-  for await (const entry of deps.hub.follow(message.id, from, { signal, idleMs })) {
-    if (entry === null) {
+  for await (const entries of deps.hub.follow(message.id, from, { signal, idleMs })) {
+    if (entries === null) {
       const current = await deps.chat.findMessageById(message.id);
       if (!current) return;
       // Final, and nothing after the client's position for idleMs: the stream has no more for
       // it (it resumed after `done`, or from an id past the end), so end with PostgreSQL's state
       // rather than wait until the stream expires.
       if (FINAL_STATUSES.includes(current.status)) {
-        yield* fromDatabase(current, sent);
+        yield [...fromDatabase(current, sent)];
         return;
       }
       continue;
     }
     sent = true;
-    yield { id: entry.id, event: entry.event.type, data: entry.event.data };
+    yield entries.map((entry) => ({
+      id: entry.id,
+      event: entry.event.type,
+      data: entry.event.data,
+    }));
   }
 }
 
@@ -86,16 +91,17 @@ export async function waitForFinal(
   const signal = AbortSignal.timeout(ms);
   const current = await deps.chat.findMessageById(messageId);
   if (!current || FINAL_STATUSES.includes(current.status)) return current;
-  for await (const entry of deps.hub.follow(messageId, '0-0', {
+  for await (const entries of deps.hub.follow(messageId, '0-0', {
     signal,
     idleMs: Math.min(ms, 1000),
   })) {
-    if (entry === null) {
+    if (entries === null) {
       const row = await deps.chat.findMessageById(messageId);
       if (!row || FINAL_STATUSES.includes(row.status)) return row;
       continue;
     }
-    if (entry.event.type === 'done' || entry.event.type === 'error') break;
+    // The hub ends the batch, and the stream, at `done` or `error`.
+    if (entries.some((e) => e.event.type === 'done' || e.event.type === 'error')) break;
   }
   return deps.chat.findMessageById(messageId);
 }

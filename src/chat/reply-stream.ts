@@ -15,13 +15,26 @@ export const FINISHED_STREAM_TTL_SECONDS = 600;
 /** An unfinished stream expires if nothing is written for this long (a dead worker). */
 const ACTIVE_STREAM_TTL_SECONDS = 3600;
 
+/** One entry of a reply's stream. */
+export interface ReplyEntry {
+  /** The Redis Stream id ("<ms>-<seq>"), which clients resume from. */
+  id: string;
+  event: ReplyEvent;
+}
+
 /**
  * The Redis Stream of one reply's events, written by the worker and read by any API instance.
+ * Each entry is also published on the reply's channel (`<id>\n<type>\n<data>`), so API instances
+ * following the reply get it pushed instead of reading the stream on every entry; the stream stays
+ * the record they catch up from (see ReplyHub).
  */
-// KEYS[1] the stream. ARGV: max length, event type, event data (JSON), TTL in seconds.
+// KEYS[1] the stream. ARGV: max length, event type, event data (JSON), TTL in seconds, channel.
+// XADD and PUBLISH in one script: a subscriber never sees an entry the stream lacks, and sees the
+// entries in stream order.
 const APPEND_SCRIPT = `
 local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'e', ARGV[2], 'd', ARGV[3])
 redis.call('EXPIRE', KEYS[1], ARGV[4])
+redis.call('PUBLISH', ARGV[5], id .. '\\n' .. ARGV[2] .. '\\n' .. ARGV[3])
 return id
 `;
 
@@ -31,6 +44,7 @@ type AppendCommand = (
   type: string,
   data: string,
   ttlSeconds: number,
+  channel: string,
 ) => Promise<string>;
 
 export class ReplyStreams {
@@ -42,7 +56,7 @@ export class ReplyStreams {
 
   constructor(
     private readonly redis: Redis,
-    private readonly keys: RedisKeys,
+    readonly keys: RedisKeys,
   ) {
     const commands = redis as unknown as { replyStreamAppend?: AppendCommand };
     if (!commands.replyStreamAppend) {
@@ -56,6 +70,11 @@ export class ReplyStreams {
     return this.keys.key('reply', messageId);
   }
 
+  /** The pub/sub channel on which the entries of a reply's stream are published as appended. */
+  channel(messageId: string) {
+    return this.keys.key('reply-events', messageId);
+  }
+
   async append(messageId: string, event: ReplyEvent): Promise<string> {
     const final = event.type === 'done' || event.type === 'error';
     return this.appendEvent(
@@ -64,6 +83,7 @@ export class ReplyStreams {
       event.type,
       JSON.stringify(event.data),
       final ? FINISHED_STREAM_TTL_SECONDS : ACTIVE_STREAM_TTL_SECONDS,
+      this.channel(messageId),
     );
   }
 
@@ -72,7 +92,7 @@ export class ReplyStreams {
     messageId: string,
     afterId: string,
     options: { blockMs?: number; count?: number; connection?: Redis } = {},
-  ): Promise<Array<{ id: string; event: ReplyEvent }>> {
+  ): Promise<ReplyEntry[]> {
     const redis = options.connection ?? this.redis;
     const count = options.count ?? 500;
     const key = this.key(messageId);
@@ -99,6 +119,15 @@ export class ReplyStreams {
   async exists(messageId: string): Promise<boolean> {
     return (await this.redis.exists(this.key(messageId))) === 1;
   }
+}
+
+/** An entry as published by APPEND_SCRIPT: `<id>\n<type>\n<data>`. */
+export function parsePublished(message: string): ReplyEntry {
+  const a = message.indexOf('\n');
+  const b = message.indexOf('\n', a + 1);
+  if (a < 0 || b < 0) throw new Error('not a reply stream entry');
+  const event = { type: message.slice(a + 1, b), data: JSON.parse(message.slice(b + 1)) };
+  return { id: message.slice(0, a), event: event as ReplyEvent };
 }
 
 function parseFields(fields: string[]): ReplyEvent {

@@ -1,3 +1,4 @@
+import { once } from 'node:events';
 import type { FastifyReply, FastifyRequest } from 'fastify';
 import type { FastifyPluginAsyncZod } from 'fastify-type-provider-zod';
 import { z } from 'zod';
@@ -6,6 +7,13 @@ import type { Container } from '../../container.js';
 import type { MessageRow } from '../../db/schema/index.js';
 import { caller, type Protected } from '../plugins/auth.js';
 import { bearer, errorResponses, messageParams } from '../schemas.js';
+
+/** One event framed as @fastify/sse frames it: `id`, `event`, `data` lines and a blank line. */
+function frame(event: ReplySseEvent): string {
+  const id = event.id ? `id: ${event.id}\n` : '';
+  // JSON.stringify escapes line breaks inside strings: the data is always one line.
+  return `${id}event: ${event.event}\ndata: ${JSON.stringify(event.data) ?? 'null'}\n\n`;
+}
 
 /** Writes a reply's events to an SSE response until done, error or the client leaves. */
 export async function streamReply(
@@ -29,9 +37,16 @@ export async function streamReply(
   // Tells EventSource how soon to reconnect after a dropped connection.
   await send({ data: {}, event: 'ready', retry: 2000 });
   if (first) await send(first);
-  for await (const event of replyEvents(deps, message, lastEventId, controller.signal)) {
-    if (!reply.sse.isConnected || controller.signal.aborted) break;
-    await send(event);
+  const raw = reply.raw;
+  for await (const events of replyEvents(deps, message, lastEventId, controller.signal)) {
+    if (!reply.sse.isConnected || controller.signal.aborted || raw.destroyed) break;
+    // Everything the hub had ready for this client goes out in one write (one chunk), not one
+    // write per event: with a thousand clients streaming, the writes are most of the work.
+    let text = '';
+    for (const event of events) text += frame(event);
+    if (!raw.write(text)) {
+      await Promise.race([once(raw, 'drain').catch(() => {}), closed]);
+    }
   }
 }
 
