@@ -54,6 +54,7 @@ export class SessionService {
    * process; a revocation anywhere drops the entry everywhere (see `markRevoked`).
    */
   private readonly local: LocalCache<string>;
+  private readonly checking = new Map<string, { ticket: number; owner: Promise<string | null> }>();
 
   constructor(private readonly o: SessionServiceOptions) {
     this.local = o.invalidation.cache<string>(LOCAL_CACHE, 100_000);
@@ -224,14 +225,28 @@ export class SessionService {
   async isActive(sessionId: string, userId: string): Promise<boolean> {
     const known = this.local.get(sessionId);
     if (known !== undefined) return known === userId;
+    // Concurrent checks of one session (a client's burst on a cold process) share one look-up,
+    // unless the session was revoked since it began.
+    const running = this.checking.get(sessionId);
+    if (running && !this.local.droppedSince(sessionId, running.ticket)) {
+      return (await running.owner) === userId;
+    }
     const ticket = this.local.begin();
-    const active = await this.load(sessionId, userId);
-    // A session that is not live now never will be (revoked or expired).
-    this.local.set(sessionId, active ? userId : REVOKED, ticket);
-    return active;
+    const owner = this.load(sessionId);
+    const entry = { ticket, owner };
+    this.checking.set(sessionId, entry);
+    try {
+      const found = await owner;
+      // A session that is not live now never will be (revoked or expired).
+      this.local.set(sessionId, found ?? REVOKED, ticket);
+      return found === userId;
+    } finally {
+      if (this.checking.get(sessionId) === entry) this.checking.delete(sessionId);
+    }
   }
 
-  private async load(sessionId: string, userId: string): Promise<boolean> {
+  /** The user whose live session this is, or null (revoked, expired, unknown). */
+  private async load(sessionId: string): Promise<string | null> {
     const key = this.cacheKey(sessionId);
     let cached: string | null = null;
     try {
@@ -239,8 +254,8 @@ export class SessionService {
     } catch (error) {
       if (!isConnectionError(error)) throw error;
     }
-    if (cached === REVOKED) return false;
-    if (cached === userId) return true;
+    if (cached === REVOKED) return null;
+    if (cached) return cached;
     const [row] = await this.o.db
       .select({ userId: sessions.userId })
       .from(sessions)
@@ -251,12 +266,10 @@ export class SessionService {
           gt(sessions.expiresAt, this.o.clock.now()),
         ),
       );
-    const active = row?.userId === userId;
-    if (active) {
-      // NX: never overwrite a revocation marker written after our read.
-      await this.o.redis.set(key, userId, 'EX', SESSION_CACHE_SECONDS, 'NX').catch(() => {});
-    }
-    return active;
+    if (!row) return null;
+    // NX: never overwrite a revocation marker written after our read.
+    await this.o.redis.set(key, row.userId, 'EX', SESSION_CACHE_SECONDS, 'NX').catch(() => {});
+    return row.userId;
   }
 
   /** Checks a bearer token and its session; throws UNAUTHENTICATED. */

@@ -24,7 +24,7 @@ export type CacheResult = { json: string; hit: boolean };
 export class RoomListCache {
   private readonly local: LocalCache<string>;
   /** Loads under way in this process: concurrent misses for one user share one. */
-  private readonly loading = new Map<string, Promise<CacheResult>>();
+  private readonly loading = new Map<string, { ticket: number; result: Promise<CacheResult> }>();
   private readonly invalidateBatch: (userId: string) => Promise<undefined>;
 
   constructor(
@@ -59,17 +59,22 @@ export class RoomListCache {
   async get(userId: string, load: () => Promise<ChatroomDto[]>): Promise<CacheResult> {
     const json = this.local.get(userId);
     if (json !== undefined) return { json, hit: true };
+    // Join a load under way only if the list was not changed since it began: it may have read
+    // the list from before the change.
     const running = this.loading.get(userId);
-    if (running) return { json: (await running).json, hit: true };
+    if (running && !this.local.droppedSince(userId, running.ticket)) {
+      return { json: (await running.result).json, hit: true };
+    }
     const ticket = this.local.begin();
-    const loaded = this.fetch(userId, load);
-    this.loading.set(userId, loaded);
+    const result = this.fetch(userId, load);
+    const entry = { ticket, result };
+    this.loading.set(userId, entry);
     try {
-      const result = await loaded;
-      this.local.set(userId, result.json, ticket);
-      return result;
+      const loaded = await result;
+      this.local.set(userId, loaded.json, ticket);
+      return loaded;
     } finally {
-      this.loading.delete(userId);
+      if (this.loading.get(userId) === entry) this.loading.delete(userId);
     }
   }
 

@@ -90,6 +90,7 @@ export function isConnectionError(error: unknown, depth = 0): boolean {
       '57P01', // admin_shutdown
       '57P02', // crash_shutdown
       '57P03', // cannot_connect_now
+      '53300', // too_many_connections: the server is full, not our request
       '08000',
       '08003',
       '08006',

@@ -54,10 +54,15 @@ export class LocalCache<V> {
     return ++this.sequence;
   }
 
+  /** Whether `key` was invalidated (or everything cleared) since `ticket` was taken. */
+  droppedSince(key: string, ticket: number): boolean {
+    return ticket <= this.floor || (this.dropped.get(key) ?? 0) >= ticket;
+  }
+
   /** Stores what a load read, unless its key was invalidated since `ticket` was taken. */
   set(key: string, value: V, ticket: number, ttlMs = this.options.ttlMs): boolean {
     if (!this.options.live() || this.options.ttlMs <= 0) return false;
-    if (ticket <= this.floor || (this.dropped.get(key) ?? 0) >= ticket) return false;
+    if (this.droppedSince(key, ticket)) return false;
     if (this.entries.size >= this.options.maxEntries && !this.entries.has(key)) {
       // Oldest first: Map keeps insertion order.
       const oldest = this.entries.keys().next().value;
@@ -148,7 +153,7 @@ export class InvalidationBus {
     await Promise.race([confirmed, new Promise((resolve) => setTimeout(resolve, 1000).unref())]);
   }
 
-  private async subscribe(subscriber: Redis) {
+  private async subscribe(subscriber: Redis): Promise<void> {
     try {
       await subscriber.subscribe(this.o.channel);
       if (this.stopped) return;
@@ -156,7 +161,12 @@ export class InvalidationBus {
       for (const cache of this.caches.values()) cache.clear();
       this.live = true;
     } catch (error) {
+      if (this.stopped || subscriber !== this.subscriber) return;
       this.o.logger.warn({ err: (error as Error).message }, 'cache invalidation subscribe failed');
+      // The caches stay off until it succeeds; a connection that stays up is not reconnected
+      // by itself, so try again.
+      await new Promise((resolve) => setTimeout(resolve, 1000).unref());
+      if (subscriber.status === 'ready') return this.subscribe(subscriber);
     }
   }
 
