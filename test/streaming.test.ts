@@ -653,17 +653,17 @@ describe('slow readers', () => {
     const reads: number[] = [];
     const counts: Array<number | undefined> = [];
     const streams = ctx.container.streams;
-    const original = streams.read.bind(streams);
-    const spy = vi
-      .spyOn(streams, 'read')
-      .mockImplementation(async (messageId, afterId, options) => {
-        const entries = await original(messageId, afterId, options);
-        if (messageId === reply.id) {
-          reads.push(entries.length);
-          counts.push(options?.count);
+    const original = streams.readMany.bind(streams);
+    const spy = vi.spyOn(streams, 'readMany').mockImplementation(async (requests, options) => {
+      const results = await original(requests, options);
+      requests.forEach((request, i) => {
+        if (request.messageId === reply.id) {
+          reads.push(results[i]!.length);
+          counts.push(options.count);
         }
-        return entries;
       });
+      return results;
+    });
     const readSoFar = () => reads.reduce((a, b) => a + b, 0);
     try {
       const res = await fetch(streamUrl(reply.room.id, reply.id), {
@@ -703,11 +703,13 @@ describe('slow readers', () => {
     const followed = () => subscribers(ctx.container.streams.channel(reply.id));
     const reads: number[] = [];
     const streams = ctx.container.streams;
-    const read = streams.read.bind(streams);
-    const readSpy = vi.spyOn(streams, 'read').mockImplementation(async (m, a, o) => {
-      const entries = await read(m, a, o);
-      if (m === reply.id) reads.push(entries.length);
-      return entries;
+    const read = streams.readMany.bind(streams);
+    const readSpy = vi.spyOn(streams, 'readMany').mockImplementation(async (requests, options) => {
+      const results = await read(requests, options);
+      requests.forEach((request, i) => {
+        if (request.messageId === reply.id) reads.push(results[i]!.length);
+      });
+      return results;
     });
     try {
       const controller = new AbortController();
@@ -728,6 +730,8 @@ describe('slow readers', () => {
         },
         (settled) => settled,
       );
+      // Stalled before the end of the reply, with its follower still in the hub.
+      expect(reads.reduce((a, b) => a + b, 0)).toBeLessThan(2000);
       expect(await followed()).toBe(1);
       controller.abort();
       await poll(followed, (n) => n === 0, 2000);

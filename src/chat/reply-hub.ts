@@ -115,8 +115,8 @@ class Follower {
     while (drop < this.queue.length && compareStreamIds(this.queue[drop]!.id, this.cursor) <= 0) {
       drop++;
     }
+    // `chars` still counts the dropped ones until the follower takes the rest, right after.
     if (drop > 0) this.queue = this.queue.slice(drop);
-    this.chars = this.queue.length === 0 ? 0 : this.chars;
   }
 
   wake() {
@@ -152,6 +152,12 @@ class Follower {
   }
 }
 
+interface PendingRead {
+  follower: Follower;
+  resolve(entries: ReplyEntry[]): void;
+  reject(error: unknown): void;
+}
+
 function isFinal(entry: ReplyEntry): boolean {
   return entry.event.type === 'done' || entry.event.type === 'error';
 }
@@ -165,6 +171,8 @@ function isFinal(entry: ReplyEntry): boolean {
  * it fell behind past its bound, and when the subscriber connection was lost (Redis restarted,
  * the connection was killed): published entries are not kept, the stream is. Entries are
  * deduplicated by stream id, so one that is both read and published is handed out once.
+ * SUBSCRIBEs, catch-up reads and wake-ups are each gathered per turn of the event loop, so a
+ * thousand clients arriving (or reconnecting) together cost a few round trips, not thousands.
  */
 export class ReplyHub {
   private readonly channels = new Map<string, Channel>();
@@ -174,6 +182,8 @@ export class ReplyHub {
   /** Followers given entries since the last turn of the event loop. */
   private readonly woken = new Set<Follower>();
   private wakeScheduled = false;
+  /** Followers waiting for a read of their stream, sent together once per turn. */
+  private reads: PendingRead[] = [];
   private subscriber: Redis | undefined;
   /** Bumped when the subscriber connection closes: its subscriptions are gone with it. */
   private epoch = 0;
@@ -235,7 +245,8 @@ export class ReplyHub {
     try {
       entry = parsePublished(message);
     } catch {
-      // Not ours to read; the stream is the record, and followers fall back to it when idle.
+      // Unreadable: its entry is in the stream all the same, so the followers read it from there.
+      for (const follower of channel.followers) follower.openGap();
       return;
     }
     for (const follower of channel.followers) {
@@ -346,27 +357,84 @@ export class ReplyHub {
   }
 
   /**
-   * Reads the stream after the follower's cursor. Closes the gap when the read reached the queue's
-   * head or the end of the stream, provided the channel was subscribed before the read was sent
-   * and no newer gap opened while it was under way (then every later entry is in the queue or
-   * still to be published).
+   * Reads the stream after the follower's cursor, together with the reads of every other follower
+   * that needs one in this turn of the event loop (all of them at once after a reconnect, or when
+   * many clients arrive together): one XREAD for all instead of one each.
    */
-  private async read(follower: Follower): Promise<ReplyEntry[]> {
-    const seq = follower.gapSeq;
-    const subscribed = follower.channel.confirmed === this.epoch;
-    const entries = await this.streams.read(follower.channel.messageId, follower.cursor, {
-      count: READ_BATCH,
-      connection: this.commands,
+  private read(follower: Follower): Promise<ReplyEntry[]> {
+    return new Promise((resolve, reject) => {
+      this.reads.push({ follower, resolve, reject });
+      if (this.reads.length === 1) setImmediate(this.sendReads);
     });
-    const last = entries.at(-1)?.id;
-    if (last !== undefined) follower.cursor = last;
-    if (subscribed && seq === follower.gapSeq) {
-      const head = follower.queue[0]?.id;
-      const reachedQueue =
-        head !== undefined && last !== undefined && compareStreamIds(last, head) >= 0;
-      if (entries.length < READ_BATCH || reachedQueue) follower.closeGap();
+  }
+
+  private readonly sendReads = () => {
+    // Followers of one reply at one cursor (clients arriving together) share a request; XREAD
+    // names each stream once, so followers of that reply at other cursors wait for the next one.
+    let pending = new Map<string, PendingRead[]>();
+    for (const read of this.reads.splice(0)) {
+      const key = `${read.follower.channel.messageId} ${read.follower.cursor}`;
+      const same = pending.get(key);
+      if (same) same.push(read);
+      else pending.set(key, [read]);
     }
-    return entries;
+    while (pending.size > 0) {
+      const round: PendingRead[][] = [];
+      const later = new Map<string, PendingRead[]>();
+      const replies = new Set<string>();
+      for (const [key, reads] of pending) {
+        const messageId = reads[0]!.follower.channel.messageId;
+        if (replies.has(messageId)) later.set(key, reads);
+        else {
+          replies.add(messageId);
+          round.push(reads);
+        }
+      }
+      void this.readRound(round);
+      pending = later;
+    }
+  };
+
+  /**
+   * Closes a follower's gap when its read reached the queue's head or the end of the stream,
+   * provided the channel was subscribed before the read was sent and no newer gap opened while it
+   * was under way (then every later entry is in the queue or still to be published).
+   */
+  private async readRound(round: PendingRead[][]) {
+    const sent = round.map((reads) =>
+      reads.map(({ follower }) => ({
+        seq: follower.gapSeq,
+        subscribed: follower.channel.confirmed === this.epoch,
+      })),
+    );
+    let results: ReplyEntry[][];
+    try {
+      results = await this.streams.readMany(
+        round.map((reads) => ({
+          messageId: reads[0]!.follower.channel.messageId,
+          afterId: reads[0]!.follower.cursor,
+        })),
+        { count: READ_BATCH, connection: this.commands },
+      );
+    } catch (error) {
+      for (const reads of round) for (const read of reads) read.reject(error);
+      return;
+    }
+    round.forEach((reads, i) => {
+      const entries = results[i] ?? [];
+      const last = entries.at(-1)?.id;
+      reads.forEach(({ follower, resolve }, k) => {
+        if (last !== undefined) follower.cursor = last;
+        const { seq, subscribed } = sent[i]![k]!;
+        if (subscribed && seq === follower.gapSeq) {
+          const head = follower.queue[0]?.id;
+          const reachedQueue =
+            head !== undefined && last !== undefined && compareStreamIds(last, head) >= 0;
+          if (entries.length < READ_BATCH || reachedQueue) follower.closeGap();
+        }
+        resolve(entries);
+      });
+    });
   }
 
   /**

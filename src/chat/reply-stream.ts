@@ -104,6 +104,29 @@ export class ReplyStreams {
     return entries.map(([id, fields]) => ({ id, event: parseFields(fields) }));
   }
 
+  /**
+   * The entries after `afterId` (exclusive) of several replies' streams, at most `count` each,
+   * in one XREAD. A reply may appear only once.
+   */
+  async readMany(
+    requests: ReadonlyArray<{ messageId: string; afterId: string }>,
+    options: { count: number; connection?: Redis },
+  ): Promise<ReplyEntry[][]> {
+    const redis = options.connection ?? this.redis;
+    const keys = requests.map((r) => this.key(r.messageId));
+    const result = await redis.xread(
+      'COUNT',
+      options.count,
+      'STREAMS',
+      ...keys,
+      ...requests.map((r) => r.afterId),
+    );
+    const byKey = new Map(result ?? []);
+    return keys.map((key) =>
+      (byKey.get(key) ?? []).map(([id, fields]) => ({ id, event: parseFields(fields) })),
+    );
+  }
+
   /** The text a client following the stream has now: the deltas since the last `reset`. */
   async textSoFar(messageId: string): Promise<string> {
     const entries = await this.redis.xrange(this.key(messageId), '-', '+');

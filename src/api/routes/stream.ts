@@ -29,24 +29,24 @@ export async function streamReply(
   });
   reply.sse.onClose(() => controller.abort());
   request.raw.once('close', () => controller.abort());
-  // @fastify/sse waits for 'drain' when the socket is full but not for 'close': a slow client
-  // that leaves would hold this loop (and its stream follower) forever without the race.
-  const send = (event: Parameters<typeof reply.sse.send>[0]) =>
-    Promise.race([reply.sse.send(event), closed]);
-  const lastEventId = first ? null : reply.sse.lastEventId;
-  // Tells EventSource how soon to reconnect after a dropped connection.
-  await send({ data: {}, event: 'ready', retry: 2000 });
-  if (first) await send(first);
+  // Writes straight to the response (framed as @fastify/sse would): a batch of events is one
+  // write. A full socket is waited for, but a slow client that leaves never drains it: without
+  // the race with 'close', this loop (and its stream follower) would wait forever.
   const raw = reply.raw;
+  const write = async (text: string) => {
+    if (!raw.write(text)) await Promise.race([once(raw, 'drain').catch(() => {}), closed]);
+  };
+  const lastEventId = first ? null : reply.sse.lastEventId;
+  reply.sse.sendHeaders();
+  // `retry` tells EventSource how soon to reconnect after a dropped connection.
+  await write(`event: ready\ndata: {}\nretry: 2000\n\n${first ? frame(first) : ''}`);
   for await (const events of replyEvents(deps, message, lastEventId, controller.signal)) {
     if (!reply.sse.isConnected || controller.signal.aborted || raw.destroyed) break;
     // Everything the hub had ready for this client goes out in one write (one chunk), not one
     // write per event: with a thousand clients streaming, the writes are most of the work.
     let text = '';
     for (const event of events) text += frame(event);
-    if (!raw.write(text)) {
-      await Promise.race([once(raw, 'drain').catch(() => {}), closed]);
-    }
+    await write(text);
   }
 }
 
