@@ -451,10 +451,15 @@ export class ReplyHub {
     const { signal } = options;
     const idleMs = options.idleMs ?? 15_000;
     const follower = this.add(messageId, fromId);
-    const onAbort = () => follower.wake();
+    // A flag rather than `signal.aborted` on every batch (the getter validates its receiver).
+    let aborted = signal?.aborted ?? false;
+    const onAbort = () => {
+      aborted = true;
+      follower.wake();
+    };
     signal?.addEventListener('abort', onAbort);
     try {
-      while (!signal?.aborted && this.running) {
+      while (!aborted && this.running) {
         follower.pending = false;
         let batch: ReplyEntry[] = [];
         // Reading the stream waits for the channel's subscription: an entry appended between a

@@ -24,8 +24,16 @@ export async function streamReply(
   first?: ReplySseEvent,
 ): Promise<void> {
   const controller = new AbortController();
+  let open = true;
   const closed = new Promise<void>((resolve) => {
-    controller.signal.addEventListener('abort', () => resolve(), { once: true });
+    controller.signal.addEventListener(
+      'abort',
+      () => {
+        open = false;
+        resolve();
+      },
+      { once: true },
+    );
   });
   reply.sse.onClose(() => controller.abort());
   request.raw.once('close', () => controller.abort());
@@ -41,7 +49,7 @@ export async function streamReply(
   // `retry` tells EventSource how soon to reconnect after a dropped connection.
   await write(`event: ready\ndata: {}\nretry: 2000\n\n${first ? frame(first) : ''}`);
   for await (const events of replyEvents(deps, message, lastEventId, controller.signal)) {
-    if (!reply.sse.isConnected || controller.signal.aborted || raw.destroyed) break;
+    if (!open || !reply.sse.isConnected || raw.destroyed) break;
     // Everything the hub had ready for this client goes out in one write (one chunk), not one
     // write per event: with a thousand clients streaming, the writes are most of the work.
     let text = '';
