@@ -8,10 +8,11 @@ const READ_BATCH = 200;
  * at most QUEUE_ENTRIES entries and QUEUE_CHARS characters of published entries. Past either
  * bound the follower drops what it holds and, once the client takes more, reads the stream from
  * its cursor instead, READ_BATCH entries at a time. So a slow client costs the server at most
- * one queue plus one batch, however far behind it is; the stream in Redis holds the rest.
+ * one queue (128 KB) plus one batch being written, however far behind it is; the stream in Redis
+ * holds the rest. A client that keeps up empties its queue on every turn of the event loop.
  */
-export const QUEUE_ENTRIES = 500;
-export const QUEUE_CHARS = 512 * 1024;
+export const QUEUE_ENTRIES = 256;
+export const QUEUE_CHARS = 64 * 1024;
 /** Wait before sending a SUBSCRIBE again after Redis refused it (the connection stayed up). */
 const RESUBSCRIBE_DELAY_MS = 250;
 
