@@ -72,6 +72,7 @@ export class QuotaService {
    * of the script ioredis loaded once.
    */
   private readonly reserveBatch: (call: ReserveCall) => Promise<ReserveResult>;
+  private readonly counting = new Map<string, Promise<number>>();
 
   constructor(private readonly o: QuotaServiceOptions) {
     const redis = o.redis as unknown as { quotaReserve?: ReserveCommand };
@@ -121,7 +122,7 @@ export class QuotaService {
     const run = (seed: number) => this.reserveBatch({ key, limit: limit ?? -1, ttl, seed });
     let [status, used] = await run(-1);
     if (status === 2) {
-      [status, used] = await run(await this.o.countFromDatabase(userId, day));
+      [status, used] = await run(await this.countOnce(userId, day));
     }
     if (status === 1) {
       const retryAfter = Math.ceil((resetsAt.getTime() - now.getTime()) / 1000);
@@ -136,6 +137,21 @@ export class QuotaService {
     return { day, ...this.usage(used, limit, resetsAt) };
   }
 
+  /**
+   * A day's count from PostgreSQL, shared by the concurrent callers that found the counter gone
+   * (after a flush, a user's burst would otherwise run one count per prompt). The count is only
+   * a seed: the script sets it only if the counter is still missing.
+   */
+  private countOnce(userId: string, day: string): Promise<number> {
+    const key = `${userId}:${day}`;
+    let running = this.counting.get(key);
+    if (!running) {
+      running = this.o.countFromDatabase(userId, day).finally(() => this.counting.delete(key));
+      this.counting.set(key, running);
+    }
+    return running;
+  }
+
   /** Gives one prompt of `day` back. */
   async release(userId: string, day: string): Promise<void> {
     await this.o.redis.eval(RELEASE_SCRIPT, 1, this.key(userId, day));
@@ -145,7 +161,7 @@ export class QuotaService {
     const now = this.o.clock.now();
     const { day, resetsAt } = this.window(now);
     const raw = await this.o.redis.get(this.key(userId, day));
-    const used = raw === null ? await this.o.countFromDatabase(userId, day) : Number(raw);
+    const used = raw === null ? await this.countOnce(userId, day) : Number(raw);
     return this.usage(used, limit, resetsAt);
   }
 }

@@ -241,9 +241,6 @@ function promptAndReplyRows(v: PromptAndReply): Array<typeof messages.$inferInse
   ];
 }
 
-/** Prompts per INSERT, so at most this many statements are prepared (one per size). */
-const INSERT_BATCH_MAX = 64;
-
 interface PreparedInsert {
   execute(params: Record<string, unknown>): Promise<MessageRow[]>;
 }
@@ -273,7 +270,7 @@ export class ChatRepository {
       await this.touchRooms(touches);
       return touches.map(() => undefined);
     });
-    this.insertBatch = batched((batch) => this.insertPromptsAndReplies(batch), INSERT_BATCH_MAX);
+    this.insertBatch = batched((batch) => this.insertPromptsAndReplies(batch));
   }
 
   async listRooms(userId: string, limit: number): Promise<ChatroomRow[]> {
@@ -451,8 +448,9 @@ export class ChatRepository {
   }
 
   /**
-   * The INSERT of `n` prompts and their replies, built and prepared once per size: drizzle's
-   * query building for 2n rows on every batch had become the largest cost of accepting.
+   * The INSERT of `n` prompts and their replies, built and prepared once per size (at most 64,
+   * the batch limit): drizzle's query building for 2n rows on every batch had become the largest
+   * cost of accepting.
    */
   private insertStatement(n: number) {
     let statement = this.insertStatements.get(n);
