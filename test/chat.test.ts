@@ -536,6 +536,37 @@ describe('reading a chatroom', () => {
 });
 
 describe('under load', () => {
+  it('accepts at most 32 prompts at once in one process, and every one of a burst of 100', async () => {
+    const user = await signIn(ctx.app);
+    const room = await createRoom(ctx.app, user, 'Burst');
+    const chat = ctx.container.chatRepository;
+    const original = chat.findRoom.bind(chat);
+    let inFlight = 0;
+    let most = 0;
+    // Every accepted prompt checks its room first: counting those checks counts the accepts
+    // under way (the check is the first step after a prompt is let in).
+    const spy = vi.spyOn(chat, 'findRoom').mockImplementation(async (...args) => {
+      inFlight++;
+      most = Math.max(most, inFlight);
+      try {
+        return await original(...args);
+      } finally {
+        inFlight--;
+      }
+    });
+    try {
+      const responses = await Promise.all(
+        Array.from({ length: 100 }, (_, i) => sendMessage(ctx.app, user, room.id, `burst ${i}`)),
+      );
+      for (const res of responses) expect(res.statusCode, res.body).toBe(202);
+      expect(spy).toHaveBeenCalledTimes(100);
+      expect(most).toBeGreaterThan(1);
+      expect(most).toBeLessThanOrEqual(32);
+    } finally {
+      spy.mockRestore();
+    }
+  });
+
   it('completes 200 prompts sent at once across 20 rooms, each with its own room’s history', async () => {
     const user = await signIn(ctx.app);
     const rooms = await Promise.all(

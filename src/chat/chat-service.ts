@@ -1,4 +1,5 @@
 import type { Queue } from 'bullmq';
+import pLimit from 'p-limit';
 import { v7 as uuidv7 } from 'uuid';
 import type { QuotaService, Reservation } from '../billing/quota-service.js';
 import type { Tier } from '../billing/tier.js';
@@ -42,9 +43,18 @@ export interface Accepted {
   replayed: boolean;
 }
 
+/**
+ * Prompts being accepted at once by one process; more wait their turn. A burst (a thousand
+ * clients sending at the same moment) costs the same CPU either way, but with all of them in
+ * flight every step of every request resumes in the same turn of the event loop, which then
+ * stalls for tens of milliseconds (and every stream this process serves stalls with it).
+ */
+const ACCEPTING_AT_ONCE = 32;
+
 export class ChatService {
   /** The replies queued at the moment, added to the queue in one round trip (`addBulk`). */
   private readonly enqueueBatch: (messageId: string) => Promise<void>;
+  private readonly accepting = pLimit(ACCEPTING_AT_ONCE);
 
   constructor(private readonly o: ChatServiceOptions) {
     this.enqueueBatch = batched(async (ids: readonly string[]) => {
@@ -148,6 +158,15 @@ export class ChatService {
    * result and counts nothing.
    */
   async send(
+    userId: string,
+    roomId: string,
+    content: string,
+    idempotencyKey?: string,
+  ): Promise<Accepted> {
+    return this.accepting(() => this.accept(userId, roomId, content, idempotencyKey));
+  }
+
+  private async accept(
     userId: string,
     roomId: string,
     content: string,
