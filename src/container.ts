@@ -71,13 +71,19 @@ export async function createContainer(
   if (!options.skipMigrations) await ensureDatabase(config.databaseUrl);
   const database = createDatabase(config.databaseUrl);
   const redis = createRedis(config.redisUrl);
+  // The queues' own connection: BullMQ defines its forty-odd scripts on the client it is given,
+  // and ioredis copies every defined script onto each pipeline and MULTI it creates, which had
+  // made the service's own small pipelines cost more than the commands in them.
+  const queueRedis = createRedis(config.redisUrl);
   watchRedis(redis, logger);
   try {
     if (!options.skipMigrations) await runMigrations(database.pool);
     await connectRedis(redis, config.redisUrl);
+    await connectRedis(queueRedis, config.redisUrl);
   } catch (error) {
     await database.close();
     redis.disconnect();
+    queueRedis.disconnect();
     throw error;
   }
 
@@ -120,8 +126,8 @@ export async function createContainer(
   });
   const streams = new ReplyStreams(redis, keys);
   const cancelBus = new CancelBus(redis, keys);
-  const replyQueue = createReplyQueue(redis, config.redisPrefix);
-  const maintenanceQueue = createMaintenanceQueue(redis, config.redisPrefix);
+  const replyQueue = createReplyQueue(queueRedis, config.redisPrefix);
+  const maintenanceQueue = createMaintenanceQueue(queueRedis, config.redisPrefix);
   const tierFrom = (rows: TierFacts[]) => tierFromRows(rows, clock.now(), config.pastDueGraceDays);
   // Through the batched account read: one query for the tiers of many concurrent prompts.
   const tierOf = async (userId: string) =>
@@ -175,6 +181,7 @@ export async function createContainer(
       await maintenanceQueue.close().catch(() => {});
       await database.close();
       redis.disconnect();
+      queueRedis.disconnect();
     },
   };
 }

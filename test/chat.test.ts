@@ -564,6 +564,15 @@ describe('under load', () => {
       expect(most).toBeLessThanOrEqual(32);
     } finally {
       spy.mockRestore();
+      // The replies are generated after the test; the next tests count the model's requests.
+      await eventually(async () => {
+        const [row] = await query<{ n: number }>(
+          `select count(*)::int as n from messages
+           where chatroom_id = $1 and role = 'assistant' and status in ('queued', 'streaming')`,
+          [room.id],
+        );
+        return row!.n === 0;
+      }, 30_000);
     }
   });
 

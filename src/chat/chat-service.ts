@@ -58,6 +58,12 @@ export class ChatService {
 
   constructor(private readonly o: ChatServiceOptions) {
     this.enqueueBatch = batched(async (ids: readonly string[]) => {
+      // addBulk runs in a MULTI, which ioredis builds at a cost of its own: not for one job.
+      if (ids.length === 1) {
+        const messageId = ids[0]!;
+        await o.replyQueue.add('reply', { messageId }, { ...replyJobOptions(), jobId: messageId });
+        return [undefined];
+      }
       await o.replyQueue.addBulk(
         ids.map((messageId) => ({
           name: 'reply',

@@ -11,6 +11,20 @@ const WAIT_STEPS = 40;
 /** The process cache's name on the invalidation bus. */
 const LOCAL_CACHE = 'rooms';
 
+// KEYS: pairs of (version counter, cached list) of each user. ARGV: bus channel, bus message.
+// Bumps each version, deletes each list, and publishes the invalidation, atomically.
+const INVALIDATE_SCRIPT = `
+for i = 1, #KEYS, 2 do
+  redis.call('INCR', KEYS[i])
+  redis.call('EXPIRE', KEYS[i], 86400)
+  redis.call('DEL', KEYS[i + 1])
+end
+redis.call('PUBLISH', ARGV[1], ARGV[2])
+return #KEYS / 2
+`;
+
+type InvalidateCommand = (numberOfKeys: number, ...keysAndArgs: string[]) => Promise<number>;
+
 /** `json` is the JSON array of the rooms, ready to be sent as it is. */
 export type CacheResult = { json: string; hit: boolean };
 
@@ -26,6 +40,7 @@ export class RoomListCache {
   /** Loads under way in this process: concurrent misses for one user share one. */
   private readonly loading = new Map<string, { ticket: number; result: Promise<CacheResult> }>();
   private readonly invalidateBatch: (userId: string) => Promise<undefined>;
+  private readonly invalidateLists: InvalidateCommand;
 
   constructor(
     private readonly redis: Redis,
@@ -34,6 +49,13 @@ export class RoomListCache {
   ) {
     this.local = invalidation.cache<string>(LOCAL_CACHE, 50_000);
     this.invalidateBatch = batched((userIds: readonly string[]) => this.invalidateAll(userIds));
+    const commands = redis as unknown as { roomListInvalidate?: InvalidateCommand };
+    if (!commands.roomListInvalidate) {
+      redis.defineCommand('roomListInvalidate', { lua: INVALIDATE_SCRIPT });
+    }
+    const command = (redis as unknown as { roomListInvalidate: InvalidateCommand })
+      .roomListInvalidate;
+    this.invalidateLists = command.bind(redis);
   }
 
   private listKey(userId: string) {
@@ -103,7 +125,8 @@ export class RoomListCache {
 
   /**
    * Call after any change to the user's list (create, rename, delete, new activity). The
-   * invalidations of the moment go to Redis as one MULTI (`batched`), with one message on the bus.
+   * invalidations of the moment go to Redis as one script call (`batched`), with one message on
+   * the bus.
    */
   async invalidate(userId: string): Promise<void> {
     this.invalidation.dropLocal(LOCAL_CACHE, [userId]);
@@ -113,14 +136,8 @@ export class RoomListCache {
   private async invalidateAll(userIds: readonly string[]): Promise<undefined[]> {
     const bus = this.invalidation;
     const unique = [...new Set(userIds)];
-    const multi = this.redis.multi();
-    for (const userId of unique) {
-      multi
-        .incr(this.versionKey(userId))
-        .expire(this.versionKey(userId), 86_400)
-        .del(this.listKey(userId));
-    }
-    await multi.publish(bus.channel, bus.message(LOCAL_CACHE, unique)).exec();
+    const keys = unique.flatMap((userId) => [this.versionKey(userId), this.listKey(userId)]);
+    await this.invalidateLists(keys.length, ...keys, bus.channel, bus.message(LOCAL_CACHE, unique));
     return userIds.map(() => undefined);
   }
 }
