@@ -252,6 +252,30 @@ describe('reply hub', () => {
     expect(entries.map((e) => e.id)).toEqual(stream.ids);
   });
 
+  it('restarts a flushed stream after its writer’s last id, so readers do not drop it as repeats', async () => {
+    const server = await startRedisInstance();
+    cleanups.push(() => server.destroy());
+    const s = await setup(server.url);
+    const id = randomUUID();
+    // An entry a minute ahead of the clock stands for "appended earlier in this millisecond":
+    // the writer's next ids follow it.
+    const ahead = Date.now() + 60_000;
+    await s.redis.xadd(s.streams.key(id), `${ahead}-0`, 'e', 'delta', 'd', '{"text":"x"}');
+    const last = await s.streams.append(id, delta('before the flush'));
+    expect(compareStreamIds(last, `${ahead}-0`)).toBeGreaterThan(0);
+
+    await server.flushAll();
+    const next = await s.streams.append(id, delta('after the flush'));
+    expect(compareStreamIds(next, last)).toBeGreaterThan(0);
+    const final = await s.streams.append(id, done);
+    expect(compareStreamIds(final, next)).toBeGreaterThan(0);
+    // A writer that knows no earlier id (another process) lets Redis choose as usual.
+    const other = new ReplyStreams(s.redis, new RedisKeys(s.prefix));
+    await server.flushAll();
+    const fresh = await other.append(id, delta('fresh'));
+    expect(Number(fresh.split('-')[0])).toBeLessThan(ahead);
+  });
+
   it('keeps delivering across a flush and a restart of Redis', async () => {
     const server = await startRedisInstance();
     cleanups.push(() => server.destroy());

@@ -28,15 +28,28 @@ export interface ReplyEntry {
  * following the reply get it pushed instead of reading the stream on every entry; the stream stays
  * the record they catch up from (see ReplyHub).
  */
-// KEYS[1] the stream. ARGV: max length, event type, event data (JSON), TTL in seconds, channel.
+// KEYS[1] the stream. ARGV: max length, event type, event data (JSON), TTL in seconds, channel,
+// the id this writer appended last ('' if none).
 // XADD and PUBLISH in one script: a subscriber never sees an entry the stream lacks, and sees the
-// entries in stream order.
+// entries in stream order. A stream that vanished under its writer (Redis flushed or restarted)
+// starts again after the writer's last id, not at the current time: within the same millisecond
+// that id would be lower, and readers that saw the old entries would drop the new ones as repeats.
 const APPEND_SCRIPT = `
-local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'e', ARGV[2], 'd', ARGV[3])
+local id = '*'
+if ARGV[6] ~= '' and redis.call('EXISTS', KEYS[1]) == 0 then
+  local lastMs = tonumber(string.match(ARGV[6], '^(%d+)-'))
+  local time = redis.call('TIME')
+  local nowMs = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+  if lastMs and nowMs <= lastMs then id = string.format('%.0f-0', lastMs + 1) end
+end
+id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], id, 'e', ARGV[2], 'd', ARGV[3])
 redis.call('EXPIRE', KEYS[1], ARGV[4])
 redis.call('PUBLISH', ARGV[5], id .. '\\n' .. ARGV[2] .. '\\n' .. ARGV[3])
 return id
 `;
+
+/** Replies whose last appended id a process remembers at most (a writer forgets at the end). */
+const LAST_IDS_MAX = 50_000;
 
 type AppendCommand = (
   key: string,
@@ -45,6 +58,7 @@ type AppendCommand = (
   data: string,
   ttlSeconds: number,
   channel: string,
+  lastId: string,
 ) => Promise<string>;
 
 export class ReplyStreams {
@@ -53,6 +67,8 @@ export class ReplyStreams {
    * and EXEC (a streaming reply appends dozens of events, a busy worker thousands a second).
    */
   private readonly appendEvent: AppendCommand;
+  /** The id this process appended last to each reply it is writing (see APPEND_SCRIPT). */
+  private readonly lastIds = new Map<string, string>();
 
   constructor(
     private readonly redis: Redis,
@@ -77,14 +93,21 @@ export class ReplyStreams {
 
   async append(messageId: string, event: ReplyEvent): Promise<string> {
     const final = event.type === 'done' || event.type === 'error';
-    return this.appendEvent(
+    const id = await this.appendEvent(
       this.key(messageId),
       MAX_LENGTH,
       event.type,
       JSON.stringify(event.data),
       final ? FINISHED_STREAM_TTL_SECONDS : ACTIVE_STREAM_TTL_SECONDS,
       this.channel(messageId),
+      this.lastIds.get(messageId) ?? '',
     );
+    this.lastIds.delete(messageId);
+    if (!final) {
+      if (this.lastIds.size >= LAST_IDS_MAX) this.lastIds.clear();
+      this.lastIds.set(messageId, id);
+    }
+    return id;
   }
 
   /** Entries after `afterId` (exclusive), waiting up to `blockMs` for new ones when none. */
