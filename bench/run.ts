@@ -264,6 +264,31 @@ async function seed(url: string): Promise<User[]> {
   return users;
 }
 
+/**
+ * New rooms for each user (through the API), so a scenario's replies read histories of the same
+ * size whatever the scenarios before it stored: otherwise a faster accept run would leave longer
+ * histories and slow the drain that follows.
+ */
+async function freshRooms(url: string, users: User[]): Promise<User[]> {
+  return Promise.all(
+    users.map(async (user) => {
+      const rooms: string[] = [];
+      for (let r = 0; r < settings.roomsPerUser; r++) {
+        const room = await json(
+          url,
+          'POST',
+          '/chatroom',
+          { name: `Fresh room ${r}` },
+          { authorization: user.authorization },
+        );
+        if (room.status !== 201) throw new Error(`create room: ${room.status}`);
+        rooms.push((room.body as { id: string }).id);
+      }
+      return { ...user, rooms };
+    }),
+  );
+}
+
 const allRooms = (users: User[]) =>
   users.flatMap((u) => u.rooms.map((room) => ({ room, authorization: u.authorization })));
 
@@ -416,12 +441,12 @@ async function main() {
        where status in ('queued', 'streaming')`,
     );
     const n = settings.drainPrompts;
-    log(`drain: queueing ${n} prompts through the API (ROLE=api, no worker)`);
+    log(`drain: queueing ${n} prompts through the API (ROLE=api, no worker), in new rooms`);
     const enqueue = await cannon({
       url,
       connections: settings.connections,
       amount: n,
-      requests: messageRequests(users),
+      requests: messageRequests(await freshRooms(url, users)),
     });
     checkCannon('drain enqueue', enqueue);
     const {
@@ -507,7 +532,7 @@ async function main() {
   if (wanted('pipeline')) {
     worker ??= startChild('worker', 'server.ts', serviceEnv({ ROLE: 'worker', ...workerTuning }));
     await worker.ready;
-    const rooms = allRooms(users);
+    const rooms = allRooms(await freshRooms(url, users));
     const agent = sseAgent();
     const total = settings.pipelineRate * settings.pipelineS;
     const intervalMs = 1000 / settings.pipelineRate;
@@ -646,6 +671,8 @@ async function main() {
       },
     };
   }
+  // Made through the API that is still up; the streams' API process starts fresh.
+  const streamUsers = wanted('streams') ? await freshRooms(url, users) : users;
   if (worker) await stopChild(worker);
   await stopChild(api);
 
@@ -669,7 +696,7 @@ async function main() {
     log(
       `streams: ${n} concurrent SSE replies, ${settings.streamDeltas} deltas over ${settings.streamMs} ms`,
     );
-    const rooms = allRooms(users);
+    const rooms = allRooms(streamUsers);
     const agent = sseAgent();
     const t0 = performance.now();
     const results = await profiled('streams', [api, streamWorker], () =>

@@ -90,6 +90,16 @@ async function secondSession(app: App, user: SignedInUser): Promise<SignedInUser
   };
 }
 
+async function rename(app: App, user: SignedInUser, roomId: string, name: string) {
+  const renamed = await app.inject({
+    method: 'PATCH',
+    url: `/chatroom/${roomId}`,
+    headers: user.headers,
+    payload: { name },
+  });
+  expect(renamed.statusCode, renamed.body).toBe(200);
+}
+
 function logout(app: App, user: SignedInUser, payload: object = {}) {
   return app.inject({ method: 'POST', url: '/auth/logout', headers: user.headers, payload });
 }
@@ -459,13 +469,7 @@ describe('two API instances on the same data', () => {
     const second = await createRoom(a.app, user, 'Second');
     await freshOnB(['Second', 'First']);
 
-    const renamed = await a.app.inject({
-      method: 'PATCH',
-      url: `/chatroom/${second.id}`,
-      headers: user.headers,
-      payload: { name: 'Second renamed' },
-    });
-    expect(renamed.statusCode, renamed.body).toBe(200);
+    await rename(a.app, user, second.id, 'Second renamed');
     await freshOnB(['Second renamed', 'First']);
 
     const prompted = await sendMessage(a.app, user, first.id, 'Move this room to the top');
@@ -504,13 +508,7 @@ describe('two API instances on the same data', () => {
     const pending = listRooms(b.app, user);
     await read.promise;
 
-    const renamed = await a.app.inject({
-      method: 'PATCH',
-      url: `/chatroom/${room.id}`,
-      headers: user.headers,
-      payload: { name: 'After' },
-    });
-    expect(renamed.statusCode, renamed.body).toBe(200);
+    await rename(a.app, user, room.id, 'After');
     expect((await logout(a.app, canary)).statusCode).toBe(204);
     await until(
       () => b.container.sessions.authenticateKnown(canary.accessToken),
@@ -613,13 +611,7 @@ describe('the invalidation bus down', () => {
     expect(b.container.sessions.authenticateKnown(user.accessToken)).toBeUndefined();
 
     // Changes on A while B cannot hear of them: B still answers them at once.
-    const renamed = await a.app.inject({
-      method: 'PATCH',
-      url: `/chatroom/${room.id}`,
-      headers: user.headers,
-      payload: { name: 'After' },
-    });
-    expect(renamed.statusCode, renamed.body).toBe(200);
+    await rename(a.app, user, room.id, 'After');
     expect(await listRooms(b.app, user)).toEqual({ cache: 'MISS', names: ['After'] });
     expect((await logout(a.app, user)).statusCode).toBe(204);
     expectError(await me(b.app, user.headers), 401, 'UNAUTHENTICATED');
@@ -698,13 +690,7 @@ describe('LOCAL_CACHE_SECONDS=0', () => {
     expect(lookups.count()).toBe(3);
     expect(ctx.container.sessions.authenticateKnown(user.accessToken)).toBeUndefined();
 
-    const renamed = await ctx.app.inject({
-      method: 'PATCH',
-      url: `/chatroom/${room.id}`,
-      headers: user.headers,
-      payload: { name: 'Renamed' },
-    });
-    expect(renamed.statusCode, renamed.body).toBe(200);
+    await rename(ctx.app, user, room.id, 'Renamed');
     expect(await listRooms(ctx.app, user)).toEqual({ cache: 'MISS', names: ['Renamed'] });
 
     expect((await logout(ctx.app, user)).statusCode).toBe(204);

@@ -74,6 +74,22 @@ async function poll<T>(
   }
 }
 
+/** Opens a reply's stream and waits for its first `atLeast` deltas; `deltas()` counts on. */
+async function followUntil(user: SignedInUser, roomId: string, messageId: string, atLeast: number) {
+  let count = 0;
+  const sse = await openSse(streamUrl(roomId, messageId), {
+    headers: user.headers,
+    onEvent: (e) => {
+      if (e.event === 'delta') count++;
+    },
+  });
+  await poll(
+    () => count,
+    (n) => n >= atLeast,
+  );
+  return { sse, deltas: () => count };
+}
+
 async function getMessage(user: SignedInUser, roomId: string, messageId: string, app = ctx.app) {
   const res = await app.inject({
     method: 'GET',
@@ -242,17 +258,7 @@ describe('streaming a reply', () => {
     const pieces = Array.from({ length: 80 }, (_, i) => `k${i} `);
     fake.enqueue({ kind: 'text', text: '', chunks: pieces, chunkDelayMs: 15 });
     const { assistantMessage } = await send(user, room.id, 'kill the subscriber');
-    let deltas = 0;
-    const sse = await openSse(streamUrl(room.id, assistantMessage.id), {
-      headers: user.headers,
-      onEvent: (e) => {
-        if (e.event === 'delta') deltas++;
-      },
-    });
-    await poll(
-      () => deltas,
-      (n) => n >= 10,
-    );
+    const { sse, deltas } = await followUntil(user, room.id, assistantMessage.id, 10);
     const list = (await ctx.container.redis.call('CLIENT', 'LIST', 'TYPE', 'pubsub')) as string;
     const hubs = list
       .split('\n')
@@ -260,7 +266,7 @@ describe('streaming a reply', () => {
       .map((line) => line.match(/^id=(\d+)/)![1]!);
     expect(hubs.length).toBeGreaterThan(0);
     for (const id of hubs) await ctx.container.redis.call('CLIENT', 'KILL', 'ID', id);
-    const killedAt = deltas;
+    const killedAt = deltas();
 
     const events = await sse.events;
     const final = await waitForReply(ctx.app, user, room.id, assistantMessage.id);
@@ -367,17 +373,7 @@ describe('cancel', () => {
     const full = pieces.join('');
     fake.enqueue({ kind: 'text', text: '', chunks: pieces, chunkDelayMs: 50 });
     const { assistantMessage } = await send(user, room.id, 'stop me');
-    let deltas = 0;
-    const sse = await openSse(streamUrl(room.id, assistantMessage.id), {
-      headers: user.headers,
-      onEvent: (e) => {
-        if (e.event === 'delta') deltas++;
-      },
-    });
-    await poll(
-      () => deltas,
-      (n) => n >= 5,
-    );
+    const { sse } = await followUntil(user, room.id, assistantMessage.id, 5);
 
     const cancelledAt = Date.now();
     const res = await cancel(user, room.id, assistantMessage.id);
