@@ -76,6 +76,7 @@ export async function createContainer(
   // made the service's own small pipelines cost more than the commands in them.
   const queueRedis = createRedis(config.redisUrl);
   watchRedis(redis, logger);
+  watchRedis(queueRedis, logger);
   try {
     if (!options.skipMigrations) await runMigrations(database.pool);
     await connectRedis(redis, config.redisUrl);

@@ -1,4 +1,5 @@
 import { afterAll, beforeAll, beforeEach, describe, expect, it, vi } from 'vitest';
+import { expectError } from './helpers/assertions.js';
 import { createRoom, sendMessage, waitForReply } from './helpers/chat.js';
 import { createTestContext, type TestContext } from './helpers/context.js';
 import { type FakeGemini, type RecordedRequest, startFakeGemini } from './helpers/fake-gemini.js';
@@ -573,6 +574,44 @@ describe('under load', () => {
         );
         return row!.n === 0;
       }, 30_000);
+    }
+  });
+
+  it('answers 503 UNAVAILABLE with Retry-After once 2,000 prompts wait their turn in one process', async () => {
+    const user = await signIn(ctx.app);
+    const room = await createRoom(ctx.app, user, 'Overload');
+    const chat = ctx.container.chatRepository;
+    let release!: () => void;
+    const gate = new Promise<void>((resolve) => {
+      release = resolve;
+    });
+    // The room checks hang: 32 prompts are being accepted, the rest wait for a turn.
+    const spy = vi.spyOn(chat, 'findRoom').mockImplementation(async () => {
+      await gate;
+      return undefined;
+    });
+    try {
+      const waiting = Array.from({ length: 32 + 2000 }, (_, i) =>
+        sendMessage(ctx.app, user, room.id, `waiting ${i}`),
+      );
+      let refused: Awaited<ReturnType<typeof sendMessage>> | undefined;
+      for (let probe = 0; probe < 50 && !refused; probe++) {
+        const res = await Promise.race([
+          sendMessage(ctx.app, user, room.id, `probe ${probe}`),
+          new Promise<undefined>((resolve) => setTimeout(() => resolve(undefined), 100)),
+        ]);
+        if (res?.statusCode === 503) refused = res;
+      }
+      expect(spy.mock.calls.length).toBe(32);
+      expect(refused, 'no probe was refused').toBeDefined();
+      expectError(refused!, 503, 'UNAVAILABLE');
+      expect(refused!.headers['retry-after']).toBe('1');
+      release();
+      // The ones that waited are served in turn (here: the room is gone, 404).
+      for (const res of await Promise.all(waiting)) expect(res.statusCode).toBe(404);
+    } finally {
+      release();
+      spy.mockRestore();
     }
   });
 

@@ -233,7 +233,7 @@ describe('InvalidationBus', () => {
   const channel = `${testRedisPrefix()}invalidate`;
   const opened: Array<{ bus: InvalidationBus; redis: Redis }> = [];
 
-  async function openBus(ttlMs = 60_000) {
+  async function openBus(ttlMs = 60_000, heartbeatMs?: number) {
     const redis = createRedis(REDIS_URL);
     await connectRedis(redis, REDIS_URL);
     const bus = new InvalidationBus({
@@ -242,6 +242,7 @@ describe('InvalidationBus', () => {
       redis,
       ttlMs,
       logger: createLogger('silent', new LogCapture()),
+      ...(heartbeatMs ? { heartbeatMs } : {}),
     });
     opened.push({ bus, redis });
     return bus;
@@ -301,6 +302,45 @@ describe('InvalidationBus', () => {
     expect(remote.set('k', 'stale', loading)).toBe(false);
     expect(remote.get('kept')).toBe('v');
     expect(remote.set('k', 'fresh', remote.begin())).toBe(true);
+  });
+
+  it('notices a subscription that went deaf without its connection closing, and subscribes again', async () => {
+    const bus = await openBus(60_000, 100);
+    const cache = bus.cache<string>('c', 10);
+    await bus.start();
+    await until(
+      () => bus.isLive,
+      (live) => live,
+    );
+    cache.set('k', 'v', cache.begin());
+    // Heartbeats come back while the subscription hears: it stays live across several beats.
+    await sleep(450);
+    expect(bus.isLive).toBe(true);
+    expect(cache.get('k')).toBe('v');
+
+    // The subscription is gone but the socket stays open, as with a half-open connection.
+    const subscriber = (bus as unknown as { subscriber: Redis }).subscriber;
+    await subscriber.unsubscribe(channel);
+    await until(
+      () => cache.get('k'),
+      (value) => value === undefined,
+      3000,
+    );
+    // It reconnects and hears again.
+    await until(
+      () => bus.isLive,
+      (live) => live,
+      3000,
+    );
+    expect(cache.set('k2', 'v', cache.begin())).toBe(true);
+    const other = await openBus();
+    await other.invalidate('c', ['k2']);
+    await until(
+      () => cache.get('k2'),
+      (value) => value === undefined,
+      3000,
+    );
+    expect(bus.isLive).toBe(true);
   });
 
   it('with a TTL of 0 never subscribes and never caches', async () => {

@@ -343,9 +343,12 @@ export class ChatRepository {
       const known = latest.get(roomId);
       if (!known || known < at) latest.set(roomId, at);
     }
+    // In id order: batches (of this and other instances) lock the rows they share in the same
+    // order, so two of them cannot deadlock.
+    const ids = [...latest.keys()].sort();
     await this.statements.touchRooms.execute({
-      ids: [...latest.keys()],
-      ats: [...latest.values()].map((at) => at.toISOString()),
+      ids,
+      ats: ids.map((id) => latest.get(id)!.toISOString()),
     });
   }
 
@@ -436,7 +439,11 @@ export class ChatRepository {
         for (const [name, value] of Object.entries(values)) params[`${name}${i}`] = value;
       });
       rows = await this.insertStatement(batch.length).execute(params);
-    } catch {
+    } catch (error) {
+      // Only an error of some row (a data or constraint violation) is worth retrying row by
+      // row; anything else (PostgreSQL down or full) is every row's answer.
+      const code = (error as { cause?: { code?: string } }).cause?.code ?? '';
+      if (!/^2[23]/.test(code)) throw error;
       return Promise.all(batch.map((values) => this.insertOne(values).catch(asError)));
     }
     const byId = new Map(rows.map((row) => [row.id, row]));

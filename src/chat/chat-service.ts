@@ -50,6 +50,8 @@ export interface Accepted {
  * stalls for tens of milliseconds (and every stream this process serves stalls with it).
  */
 const ACCEPTING_AT_ONCE = 32;
+/** Prompts that may wait for their turn in one process. */
+const ACCEPT_QUEUE_MAX = 2000;
 
 export class ChatService {
   /** The replies queued at the moment, added to the queue in one round trip (`addBulk`). */
@@ -169,6 +171,15 @@ export class ChatService {
     content: string,
     idempotencyKey?: string,
   ): Promise<Accepted> {
+    // Beyond this, waiting is no longer a burst being smoothed but an overload: say so now,
+    // rather than hold requests whose clients will time out and retry.
+    if (this.accepting.pendingCount >= ACCEPT_QUEUE_MAX) {
+      throw new AppError({
+        code: 'UNAVAILABLE',
+        message: 'The service is busy accepting other prompts; retry shortly',
+        retryAfter: 1,
+      });
+    }
     return this.accepting(() => this.accept(userId, roomId, content, idempotencyKey));
   }
 

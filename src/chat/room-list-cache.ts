@@ -10,6 +10,8 @@ const WAIT_STEP_MS = 25;
 const WAIT_STEPS = 40;
 /** The process cache's name on the invalidation bus. */
 const LOCAL_CACHE = 'rooms';
+/** Lists longer than this (characters of JSON) are not kept in the process. */
+const LOCAL_MAX_CHARS = 64 * 1024;
 
 // KEYS: pairs of (version counter, cached list) of each user. ARGV: bus channel, bus message.
 // Bumps each version, deletes each list, and publishes the invalidation, atomically.
@@ -93,7 +95,9 @@ export class RoomListCache {
     this.loading.set(userId, entry);
     try {
       const loaded = await result;
-      this.local.set(userId, loaded.json, ticket);
+      // A very long list (hundreds of rooms with long instructions) stays in Redis only: the
+      // process cache is bounded by entries, and these would make its memory unbounded.
+      if (loaded.json.length <= LOCAL_MAX_CHARS) this.local.set(userId, loaded.json, ticket);
       return loaded;
     } finally {
       if (this.loading.get(userId) === entry) this.loading.delete(userId);

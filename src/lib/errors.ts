@@ -25,7 +25,10 @@ export const errorCatalogue = {
   INTERNAL: { status: 500, description: 'An unexpected error; it has been logged.' },
   BAD_GATEWAY: { status: 502, description: 'An upstream service answered with an error.' },
   BILLING_NOT_CONFIGURED: { status: 503, description: 'Billing is not set up on this server.' },
-  UNAVAILABLE: { status: 503, description: 'A dependency (database, Redis) is unreachable.' },
+  UNAVAILABLE: {
+    status: 503,
+    description: 'A dependency (database, Redis) is unreachable, or the service is overloaded.',
+  },
 } as const;
 
 export type ErrorCode = keyof typeof errorCatalogue;

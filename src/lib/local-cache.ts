@@ -1,3 +1,4 @@
+import { randomUUID } from 'node:crypto';
 import type { Logger } from './logger.js';
 import { createWorkerRedis, type Redis } from './redis.js';
 
@@ -89,6 +90,9 @@ export class LocalCache<V> {
   }
 }
 
+/** How often the bus checks that its subscription still hears (see `beat`). */
+const HEARTBEAT_MS = 5000;
+
 export interface InvalidationBusOptions {
   redisUrl: string;
   /** Channel name (already under the Redis key prefix). */
@@ -98,6 +102,8 @@ export interface InvalidationBusOptions {
   /** TTL of each cache's entries; 0 turns the process caches off. */
   ttlMs: number;
   logger: Logger;
+  /** How often the subscription is checked by a heartbeat; default 5,000 ms. */
+  heartbeatMs?: number;
 }
 
 /**
@@ -112,11 +118,20 @@ export class InvalidationBus {
   private subscriber: Redis | undefined;
   private live = false;
   private stopped = false;
+  /** Names this process's heartbeats on the shared channel. */
+  private readonly instance = randomUUID();
+  private heartbeat: NodeJS.Timeout | undefined;
+  /** The heartbeat sent and not heard back yet, and when it was sent. */
+  private awaiting: { id: string; sentAt: number } | undefined;
 
   constructor(private readonly o: InvalidationBusOptions) {}
 
   get enabled(): boolean {
     return this.o.ttlMs > 0;
+  }
+
+  private get heartbeatMs(): number {
+    return this.o.heartbeatMs ?? HEARTBEAT_MS;
   }
 
   get isLive(): boolean {
@@ -149,8 +164,36 @@ export class InvalidationBus {
         void this.subscribe(subscriber).then(resolve);
       });
     });
+    this.heartbeat = setInterval(() => this.beat(), this.heartbeatMs);
+    this.heartbeat.unref();
     // Start-up does not wait for Redis: until the subscription is confirmed, lookups miss.
     await Promise.race([confirmed, new Promise((resolve) => setTimeout(resolve, 1000).unref())]);
+  }
+
+  /**
+   * A connection that only reads does not notice a peer that vanished without closing it (a
+   * dropped NAT entry, a half-open socket): it would stay "live" while invalidations are lost.
+   * So the process publishes a heartbeat on the channel and expects to hear it back; if it does
+   * not by the next beat, the caches go off and the subscriber reconnects.
+   */
+  private beat() {
+    const subscriber = this.subscriber;
+    if (!subscriber || this.stopped) return;
+    if (this.awaiting && Date.now() - this.awaiting.sentAt >= this.heartbeatMs) {
+      this.awaiting = undefined;
+      if (this.live) {
+        this.o.logger.warn('cache invalidation channel went quiet; reconnecting');
+        this.down();
+        subscriber.disconnect(true);
+      }
+      return;
+    }
+    if (!this.live || this.awaiting) return;
+    const id = randomUUID();
+    this.awaiting = { id, sentAt: Date.now() };
+    this.o.redis.publish(this.o.channel, `\n${this.instance}\n${id}`).catch(() => {
+      this.awaiting = undefined;
+    });
   }
 
   private async subscribe(subscriber: Redis): Promise<void> {
@@ -176,9 +219,13 @@ export class InvalidationBus {
     for (const cache of this.caches.values()) cache.clear();
   }
 
-  /** Message: `<cache>\n<key>\n<key>...`. */
+  /** Message: `<cache>\n<key>\n<key>...`, or a heartbeat: `\n<instance>\n<id>`. */
   private apply(message: string) {
     const lines = message.split('\n');
+    if (lines[0] === '') {
+      if (lines[1] === this.instance && lines[2] === this.awaiting?.id) this.awaiting = undefined;
+      return;
+    }
     const cache = this.caches.get(lines[0] ?? '');
     if (!cache) return;
     for (let i = 1; i < lines.length; i++) cache.drop(lines[i]!);
@@ -214,6 +261,7 @@ export class InvalidationBus {
   async close(): Promise<void> {
     this.stopped = true;
     this.live = false;
+    clearInterval(this.heartbeat);
     this.subscriber?.disconnect();
     this.subscriber = undefined;
   }

@@ -32,7 +32,8 @@ const MAX_KEYS = 50_000;
  * the limit is refused, so the limit is never exceeded across instances; numbers another
  * instance holds but has not handed out can make a caller be refused up to 1% of the limit per
  * instance early. Limits under 200 take one number at a time: a round trip per request, as
- * exact as a plain counter.
+ * exact as a plain counter. Once a window's count has passed the limit, the instance refuses the
+ * rest of that window without asking Redis.
  */
 export class LeasedRateLimitStore {
   private readonly leases = new Map<string, Lease>();
@@ -63,10 +64,18 @@ export class LeasedRateLimitStore {
   incr(key: string, callback: Callback, timeWindow: number, max: number): void {
     const now = Date.now();
     const lease = this.leases.get(key);
-    if (lease && lease.expiresAt > now && lease.next <= lease.last) {
-      const current = lease.next++;
-      callback(null, { current, ttl: lease.expiresAt - now });
-      return;
+    if (lease && lease.expiresAt > now) {
+      if (lease.next <= lease.last) {
+        const current = lease.next++;
+        callback(null, { current, ttl: lease.expiresAt - now });
+        return;
+      }
+      // The window's count has passed the limit: every later request of it is refused, so say
+      // so here, without a round trip (a flood of refused requests costs Redis nothing).
+      if (lease.last >= max) {
+        callback(null, { current: max + 1, ttl: lease.expiresAt - now });
+        return;
+      }
     }
     this.refill(key, timeWindow, max).then(
       () => this.incr(key, callback, timeWindow, max),
@@ -83,10 +92,12 @@ export class LeasedRateLimitStore {
     let running = this.refills.get(key);
     if (running) return running;
     const size = Math.max(1, Math.min(1000, Math.floor(max / 100)));
+    // The window's end is counted from before the request: a lease never outlives its window.
+    const sentAt = Date.now();
     running = this.lease(this.prefix + key, size, timeWindow)
       .then(([last, ttl]) => {
         if (this.leases.size >= MAX_KEYS) this.sweep();
-        this.leases.set(key, { next: last - size + 1, last, expiresAt: Date.now() + ttl });
+        this.leases.set(key, { next: last - size + 1, last, expiresAt: sentAt + ttl });
       })
       .finally(() => this.refills.delete(key));
     this.refills.set(key, running);

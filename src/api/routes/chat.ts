@@ -91,7 +91,7 @@ export const chatRoutes =
           security: bearer,
           summary: 'The caller’s chatrooms, most recently active first',
           description:
-            'Cached per user, in the API process and in Redis (5 minutes), and invalidated on every change; `X-Cache` says HIT or MISS. At most 500 rooms.',
+            'Cached per user, in the API process (at most `LOCAL_CACHE_SECONDS`) and in Redis (5 minutes), and invalidated on every change; `X-Cache` says HIT or MISS. At most 500 rooms.',
           response: {
             200: z.object({ chatrooms: z.array(chatroomSchema) }),
             ...errorResponses('UNAUTHENTICATED'),
