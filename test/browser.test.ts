@@ -111,8 +111,9 @@ it.skipIf(!available)(
     await byTestId(page, 'verify-otp').click();
     await byTestId(page, 'workspace').waitFor({ state: 'visible' });
     await expect(byTestId(page, 'who').textContent()).resolves.toContain(mobile);
-    await expect(byTestId(page, 'tier').textContent()).resolves.toBe('Basic');
-    await expect(byTestId(page, 'usage').textContent()).resolves.toContain('0 of 5');
+    // The workspace shows before the account status arrives: wait for it.
+    await expect.poll(() => byTestId(page, 'tier').textContent()).toBe('Basic');
+    await expect.poll(() => byTestId(page, 'usage').textContent()).toContain('0 of 5');
     const stored = await page.evaluate<string | null>(
       "sessionStorage.getItem('gemini-chat.tokens')",
     );
