@@ -54,7 +54,8 @@ it('reports queue, reply, model, quota and webhook figures after a reply', async
     kind: 'text',
     text: 'four words of reply',
     chunks: 2,
-    chunkDelayMs: 30,
+    // Far enough apart that the second chunk comes measurably after the first on a busy machine.
+    chunkDelayMs: 80,
     usage: { promptTokenCount: 11, candidatesTokenCount: 7, totalTokenCount: 18 },
     modelVersion: 'gemini-test-model',
   });
