@@ -1,3 +1,5 @@
+import { once } from 'node:events';
+import { connect } from 'node:net';
 import { createParser } from 'eventsource-parser';
 import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
 import { compareStreamIds } from '../src/chat/reply-hub.js';
@@ -708,12 +710,17 @@ describe('slow readers', () => {
       return results;
     });
     try {
-      const controller = new AbortController();
-      const res = await fetch(streamUrl(reply.room.id, reply.id), {
-        headers: { ...reply.user.headers, accept: 'text/event-stream' },
-        signal: controller.signal,
-      });
-      expect(res.status).toBe(200);
+      // A raw socket that never reads: the kernel's receive buffer does not grow for a reader
+      // that takes nothing, so the server's writes stall after a few MB whatever the machine's
+      // buffer settings (fetch's reader could buffer the whole 16 MB reply on some).
+      const url = new URL(streamUrl(reply.room.id, reply.id));
+      const socket = connect(Number(url.port), url.hostname);
+      await once(socket, 'connect');
+      socket.pause();
+      socket.write(
+        `GET ${url.pathname} HTTP/1.1\r\nHost: ${url.host}\r\n` +
+          `Authorization: ${reply.user.headers.authorization}\r\nAccept: text/event-stream\r\n\r\n`,
+      );
       // The server fills the sockets and then waits for the client, which reads nothing.
       let previous = -1;
       await poll(
@@ -729,7 +736,7 @@ describe('slow readers', () => {
       // Stalled before the end of the reply, with its follower still in the hub.
       expect(reads.reduce((a, b) => a + b, 0)).toBeLessThan(2000);
       expect(await followed()).toBe(1);
-      controller.abort();
+      socket.destroy();
       await poll(followed, (n) => n === 0, 2000);
     } finally {
       readSpy.mockRestore();
