@@ -54,7 +54,6 @@ export class SessionService {
    * process; a revocation anywhere drops the entry everywhere (see `markRevoked`).
    */
   private readonly local: LocalCache<string>;
-  private readonly checking = new Map<string, { ticket: number; owner: Promise<string | null> }>();
 
   constructor(private readonly o: SessionServiceOptions) {
     this.local = o.invalidation.cache<string>(LOCAL_CACHE, 100_000);
@@ -223,26 +222,13 @@ export class SessionService {
 
   /** Whether a session is live, answered from this process or Redis when possible. */
   async isActive(sessionId: string, userId: string): Promise<boolean> {
-    const known = this.local.get(sessionId);
-    if (known !== undefined) return known === userId;
-    // Concurrent checks of one session (a client's burst on a cold process) share one look-up,
-    // unless the session was revoked since it began.
-    const running = this.checking.get(sessionId);
-    if (running && !this.local.droppedSince(sessionId, running.ticket)) {
-      return (await running.owner) === userId;
-    }
-    const ticket = this.local.begin();
-    const owner = this.load(sessionId);
-    const entry = { ticket, owner };
-    this.checking.set(sessionId, entry);
-    try {
-      const found = await owner;
-      // A session that is not live now never will be (revoked or expired).
-      this.local.set(sessionId, found ?? REVOKED, ticket);
-      return found === userId;
-    } finally {
-      if (this.checking.get(sessionId) === entry) this.checking.delete(sessionId);
-    }
+    // Concurrent checks of one session (a client's burst on a cold process) share one look-up.
+    // A session that is not live now never will be (revoked or expired).
+    const owner = await this.local.load(
+      sessionId,
+      async () => (await this.load(sessionId)) ?? REVOKED,
+    );
+    return owner === userId;
   }
 
   /** The user whose live session this is, or null (revoked, expired, unknown). */

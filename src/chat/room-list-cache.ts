@@ -39,8 +39,6 @@ export type CacheResult = { json: string; hit: boolean };
  */
 export class RoomListCache {
   private readonly local: LocalCache<string>;
-  /** Loads under way in this process: concurrent misses for one user share one. */
-  private readonly loading = new Map<string, { ticket: number; result: Promise<CacheResult> }>();
   private readonly invalidateBatch: (userId: string) => Promise<undefined>;
   private readonly invalidateLists: InvalidateCommand;
 
@@ -81,27 +79,21 @@ export class RoomListCache {
   }
 
   async get(userId: string, load: () => Promise<ChatroomDto[]>): Promise<CacheResult> {
-    const json = this.local.get(userId);
-    if (json !== undefined) return { json, hit: true };
-    // Join a load under way only if the list was not changed since it began: it may have read
-    // the list from before the change.
-    const running = this.loading.get(userId);
-    if (running && !this.local.droppedSince(userId, running.ticket)) {
-      return { json: (await running.result).json, hit: true };
-    }
-    const ticket = this.local.begin();
-    const result = this.fetch(userId, load);
-    const entry = { ticket, result };
-    this.loading.set(userId, entry);
-    try {
-      const loaded = await result;
+    // A hit unless this very request loaded the list from PostgreSQL (a request that joins
+    // another's load did not).
+    let hit = true;
+    const json = await this.local.load(
+      userId,
+      async () => {
+        const fetched = await this.fetch(userId, load);
+        hit = fetched.hit;
+        return fetched.json;
+      },
       // A very long list (hundreds of rooms with long instructions) stays in Redis only: the
       // process cache is bounded by entries, and these would make its memory unbounded.
-      if (loaded.json.length <= LOCAL_MAX_CHARS) this.local.set(userId, loaded.json, ticket);
-      return loaded;
-    } finally {
-      if (this.loading.get(userId) === entry) this.loading.delete(userId);
-    }
+      (fetched) => fetched.length <= LOCAL_MAX_CHARS,
+    );
+    return { json, hit };
   }
 
   private async fetch(userId: string, load: () => Promise<ChatroomDto[]>): Promise<CacheResult> {

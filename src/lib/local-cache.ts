@@ -19,6 +19,8 @@ interface Entry<V> {
  */
 export class LocalCache<V> {
   private readonly entries = new Map<string, Entry<V>>();
+  /** Loads under way (see `load`), with the ticket each began with. */
+  private readonly loading = new Map<string, { ticket: number; value: Promise<V> }>();
   /** Sequence number of the last invalidation of each key, pruned with `floor`. */
   private readonly dropped = new Map<string, number>();
   /** Loads that began at or before this are refused (a clear, or pruned invalidations). */
@@ -71,6 +73,33 @@ export class LocalCache<V> {
     }
     this.entries.set(key, { value, expiresAt: Date.now() + Math.min(ttlMs, this.options.ttlMs) });
     return true;
+  }
+
+  /**
+   * The value of `key`: from memory; else from a load of it under way that began after the key
+   * was last invalidated (concurrent misses share one load); else from `load`, stored when `keep`
+   * allows. A load that began before an invalidation is never joined by later callers: it may
+   * have read what the invalidation replaced.
+   */
+  async load(
+    key: string,
+    load: () => Promise<V>,
+    keep: (value: V) => boolean = () => true,
+  ): Promise<V> {
+    const known = this.get(key);
+    if (known !== undefined) return known;
+    const running = this.loading.get(key);
+    if (running && !this.droppedSince(key, running.ticket)) return running.value;
+    const ticket = this.begin();
+    const entry = { ticket, value: load() };
+    this.loading.set(key, entry);
+    try {
+      const value = await entry.value;
+      if (keep(value)) this.set(key, value, ticket);
+      return value;
+    } finally {
+      if (this.loading.get(key) === entry) this.loading.delete(key);
+    }
   }
 
   /** Forgets a key, and refuses the loads of it already under way. */
