@@ -2,7 +2,7 @@ import { batched } from '../lib/batch.js';
 import type { Clock } from '../lib/clock.js';
 import { nextUtcMidnight, utcDay } from '../lib/clock.js';
 import { AppError } from '../lib/errors.js';
-import type { Redis, RedisKeys } from '../lib/redis.js';
+import { type Redis, type RedisKeys, scriptCommand } from '../lib/redis.js';
 
 export interface Usage {
   used: number;
@@ -75,10 +75,8 @@ export class QuotaService {
   private readonly counting = new Map<string, Promise<number>>();
 
   constructor(private readonly o: QuotaServiceOptions) {
-    const redis = o.redis as unknown as { quotaReserve?: ReserveCommand };
-    if (!redis.quotaReserve) {
-      o.redis.defineCommand('quotaReserve', { numberOfKeys: 1, lua: RESERVE_SCRIPT });
-    }
+    // Defined on the client, then called through the pipelines below.
+    scriptCommand<ReserveCommand>(o.redis, 'quotaReserve', RESERVE_SCRIPT, 1);
     this.reserveBatch = batched(async (calls: readonly ReserveCall[]) => {
       const pipeline = o.redis.pipeline() as unknown as {
         quotaReserve: (...args: Parameters<ReserveCommand>) => void;

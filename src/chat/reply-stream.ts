@@ -1,4 +1,4 @@
-import type { Redis, RedisKeys } from '../lib/redis.js';
+import { type Redis, type RedisKeys, scriptCommand } from '../lib/redis.js';
 
 /** Events of one reply, in the order a client sees them. */
 export type ReplyEvent =
@@ -74,12 +74,7 @@ export class ReplyStreams {
     private readonly redis: Redis,
     readonly keys: RedisKeys,
   ) {
-    const commands = redis as unknown as { replyStreamAppend?: AppendCommand };
-    if (!commands.replyStreamAppend) {
-      redis.defineCommand('replyStreamAppend', { numberOfKeys: 1, lua: APPEND_SCRIPT });
-    }
-    const command = (redis as unknown as { replyStreamAppend: AppendCommand }).replyStreamAppend;
-    this.appendEvent = command.bind(redis);
+    this.appendEvent = scriptCommand<AppendCommand>(redis, 'replyStreamAppend', APPEND_SCRIPT, 1);
   }
 
   key(messageId: string) {

@@ -1,6 +1,6 @@
 import { batched } from '../lib/batch.js';
 import type { InvalidationBus, LocalCache } from '../lib/local-cache.js';
-import type { Redis, RedisKeys } from '../lib/redis.js';
+import { type Redis, type RedisKeys, scriptCommand } from '../lib/redis.js';
 import type { ChatroomDto } from './message-dto.js';
 
 /** Five minutes: a bound on staleness if an invalidation is ever missed. */
@@ -49,13 +49,11 @@ export class RoomListCache {
   ) {
     this.local = invalidation.cache<string>(LOCAL_CACHE, 50_000);
     this.invalidateBatch = batched((userIds: readonly string[]) => this.invalidateAll(userIds));
-    const commands = redis as unknown as { roomListInvalidate?: InvalidateCommand };
-    if (!commands.roomListInvalidate) {
-      redis.defineCommand('roomListInvalidate', { lua: INVALIDATE_SCRIPT });
-    }
-    const command = (redis as unknown as { roomListInvalidate: InvalidateCommand })
-      .roomListInvalidate;
-    this.invalidateLists = command.bind(redis);
+    this.invalidateLists = scriptCommand<InvalidateCommand>(
+      redis,
+      'roomListInvalidate',
+      INVALIDATE_SCRIPT,
+    );
   }
 
   private listKey(userId: string) {

@@ -61,3 +61,21 @@ export function safeUrl(url: string): string {
     return '<invalid url>';
   }
 }
+
+/**
+ * A Lua script as a command of `redis` (EVALSHA, with ioredis loading the script when Redis
+ * does not know it), defined once per client however many services ask for it. Without
+ * `numberOfKeys`, the caller passes the key count first.
+ */
+export function scriptCommand<F extends (...args: never[]) => Promise<unknown>>(
+  redis: Redis,
+  name: string,
+  lua: string,
+  numberOfKeys?: number,
+): F {
+  const commands = redis as unknown as Record<string, F | undefined>;
+  if (!commands[name]) {
+    redis.defineCommand(name, numberOfKeys === undefined ? { lua } : { numberOfKeys, lua });
+  }
+  return (commands[name] as F).bind(redis) as F;
+}

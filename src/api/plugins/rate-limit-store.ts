@@ -1,4 +1,4 @@
-import type { Redis } from '../../lib/redis.js';
+import { type Redis, scriptCommand } from '../../lib/redis.js';
 
 // KEYS[1] the window's counter. ARGV: numbers to take, window length in ms.
 // Returns {the last number taken, ms left in the window}.
@@ -44,12 +44,7 @@ export class LeasedRateLimitStore {
     redis: Redis,
     private readonly prefix: string,
   ) {
-    const commands = redis as unknown as { rateLimitLease?: LeaseCommand };
-    if (!commands.rateLimitLease) {
-      redis.defineCommand('rateLimitLease', { numberOfKeys: 1, lua: LEASE_SCRIPT });
-    }
-    const command = (redis as unknown as { rateLimitLease: LeaseCommand }).rateLimitLease;
-    this.lease = command.bind(redis);
+    this.lease = scriptCommand<LeaseCommand>(redis, 'rateLimitLease', LEASE_SCRIPT, 1);
   }
 
   /** The store as a class of no arguments, the way @fastify/rate-limit's `store` option takes it. */
