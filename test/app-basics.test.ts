@@ -115,15 +115,62 @@ describe('the app', () => {
     expectErrorShape(res.json(), 'UNSUPPORTED_MEDIA_TYPE', res.headers['x-request-id'] as string);
   });
 
-  it('sends security headers and no CORS grant to unknown origins', async () => {
+  it('sends the API security headers on JSON answers, and no CORS grant without allowed origins', async () => {
     const res = await ctx.app.inject({
       method: 'GET',
       url: '/healthz',
       headers: { origin: 'https://evil.example' },
     });
-    expect(res.headers['x-content-type-options']).toBe('nosniff');
-    expect(res.headers['strict-transport-security']).toBeDefined();
+    expect(res.headers).toMatchObject({
+      'cache-control': 'no-store',
+      'content-security-policy': "default-src 'none'; frame-ancestors 'none'",
+      'strict-transport-security': 'max-age=31536000; includeSubDomains',
+      'x-content-type-options': 'nosniff',
+      'x-frame-options': 'DENY',
+    });
+    // Helmet's document headers are for pages only.
+    expect(res.headers['cross-origin-opener-policy']).toBeUndefined();
     expect(res.headers['access-control-allow-origin']).toBeUndefined();
+    expect(res.headers.vary).toBeUndefined();
+    const missing = await ctx.app.inject({ method: 'GET', url: '/no-such-route' });
+    expect(missing.statusCode).toBe(404);
+    expect(missing.headers['x-content-type-options']).toBe('nosniff');
+  });
+
+  it('sends helmet’s document headers and the pages’ own caching on the pages', async () => {
+    const page = await ctx.app.inject({ method: 'GET', url: '/' });
+    expect(page.statusCode).toBe(200);
+    expect(page.headers['content-type']).toMatch(/^text\/html/);
+    expect(page.headers['cache-control']).toBe('public, max-age=300');
+    expect(page.headers['content-security-policy']).toContain("script-src 'self'");
+    expect(page.headers['cross-origin-opener-policy']).toBe('same-origin');
+    expect(page.headers['x-frame-options']).toBe('SAMEORIGIN');
+    const docs = await ctx.app.inject({ method: 'GET', url: '/docs/' });
+    expect(docs.statusCode).toBe(200);
+    expect(docs.headers['cache-control']).not.toBe('no-store');
+    expect(docs.headers['cross-origin-opener-policy']).toBe('same-origin');
+    expect(docs.headers['content-security-policy']).toContain("script-src 'self'");
+  });
+
+  it('grants CORS to the allowed origins only, when CORS_ORIGINS names some', async () => {
+    const cors = await createTestContext({ env: { CORS_ORIGINS: 'https://app.example' } });
+    try {
+      const allowed = await cors.app.inject({
+        method: 'GET',
+        url: '/healthz',
+        headers: { origin: 'https://app.example' },
+      });
+      expect(allowed.headers['access-control-allow-origin']).toBe('https://app.example');
+      expect(allowed.headers['access-control-expose-headers']).toContain('x-request-id');
+      const other = await cors.app.inject({
+        method: 'GET',
+        url: '/healthz',
+        headers: { origin: 'https://evil.example' },
+      });
+      expect(other.headers['access-control-allow-origin']).toBeUndefined();
+    } finally {
+      await cors.close();
+    }
   });
 
   it('serves a valid OpenAPI 3.1 document and the reference page', async () => {

@@ -145,6 +145,8 @@ describe('the service process', () => {
     proc.child.kill('SIGTERM');
     const res = await pending;
     expect(res.status).toBe(200);
+    // The keep-alive connection is not kept: the server can close as soon as this is sent.
+    expect(res.headers.get('connection')).toBe('close');
     expect(await res.json()).toEqual({ finished: true });
     expect(await proc.exited).toBe(0);
     expect(proc.output()).toMatch(/shutdown complete/);

@@ -19,9 +19,10 @@ import { errorCatalogue } from '../lib/errors.js';
 import { registerAdmin } from './plugins/admin.js';
 import { registerAuth } from './plugins/auth.js';
 import { registerErrorHandling, sendError, toAppError } from './plugins/errors.js';
-import { registerMetrics } from './plugins/metrics.js';
+import { registerMetricsRoute } from './plugins/metrics.js';
 import { registerRateLimit } from './plugins/rate-limit.js';
-import { registerSecurityHeaders } from './plugins/security-headers.js';
+import { registerRequestLifecycle } from './plugins/request-lifecycle.js';
+import { registerDocumentHeaders } from './plugins/security-headers.js';
 import { authRoutes } from './routes/auth.js';
 import { billingRoutes } from './routes/billing.js';
 import { chatRoutes } from './routes/chat.js';
@@ -72,50 +73,26 @@ export async function buildApp(container: Container, options: BuildAppOptions = 
   // JSON only: text/plain bodies are refused with 415 rather than parsed as strings.
   app.removeContentTypeParser('text/plain');
 
-  app.addHook('onRequest', (request, reply, done) => {
-    reply.header('x-request-id', request.id);
-    done();
-  });
-
-  // While shutting down, responses to in-flight requests close their keep-alive connection, so
-  // the server can finish closing as soon as they are sent.
-  let closing = false;
-  app.addHook('preClose', async () => {
-    closing = true;
-  });
-  app.addHook('onSend', (_request, reply, payload, done) => {
-    if (closing) reply.header('connection', 'close');
-    done(null, payload);
-  });
-
   registerErrorHandling(app, container.metrics);
   container.metrics.watchQueues([container.replyQueue, container.maintenanceQueue]);
-  registerMetrics(app, container.metrics);
+  registerRequestLifecycle(app, container.metrics);
+  registerMetricsRoute(app, container.metrics);
 
-  registerSecurityHeaders(app, {
-    // The reference page at /docs loads its own scripts and styles from this origin.
-    contentSecurityPolicy: {
-      directives: {
-        defaultSrc: ["'self'"],
-        scriptSrc: ["'self'"],
-        styleSrc: ["'self'", 'https:', "'unsafe-inline'"],
-        imgSrc: ["'self'", 'data:', 'https:'],
-        connectSrc: ["'self'"],
-      },
-    },
-  });
-  await app.register(cors, {
-    origin: config.corsOrigins.length > 0 ? config.corsOrigins : false,
-    exposedHeaders: [
-      'x-request-id',
-      'location',
-      'retry-after',
-      'x-ratelimit-limit',
-      'x-ratelimit-remaining',
-      'x-ratelimit-reset',
-      'x-cache',
-    ],
-  });
+  // Without allowed origins there is nothing to grant: no CORS hook runs at all.
+  if (config.corsOrigins.length > 0) {
+    await app.register(cors, {
+      origin: config.corsOrigins,
+      exposedHeaders: [
+        'x-request-id',
+        'location',
+        'retry-after',
+        'x-ratelimit-limit',
+        'x-ratelimit-remaining',
+        'x-ratelimit-reset',
+        'x-cache',
+      ],
+    });
+  }
 
   await app.register(swagger, {
     openapi: {
@@ -142,15 +119,30 @@ export async function buildApp(container: Container, options: BuildAppOptions = 
     transform: jsonSchemaTransform,
     transformObject: jsonSchemaTransformObject,
   });
-  await app.register(swaggerUi, { routePrefix: '/docs', staticCSP: true });
-
-  await registerAdmin(app, container);
-  await app.register(fastifyStatic, {
-    root: publicFolder,
-    wildcard: false,
-    index: ['index.html'],
-    cacheControl: true,
-    maxAge: '5m',
+  // The pages: the reference, the queue dashboard and the playground, with helmet's document
+  // headers instead of the API's.
+  await app.register(async (pages) => {
+    registerDocumentHeaders(pages, {
+      // The reference page at /docs loads its own scripts and styles from this origin.
+      contentSecurityPolicy: {
+        directives: {
+          defaultSrc: ["'self'"],
+          scriptSrc: ["'self'"],
+          styleSrc: ["'self'", 'https:', "'unsafe-inline'"],
+          imgSrc: ["'self'", 'data:', 'https:'],
+          connectSrc: ["'self'"],
+        },
+      },
+    });
+    await pages.register(swaggerUi, { routePrefix: '/docs', staticCSP: true });
+    await registerAdmin(pages, container);
+    await pages.register(fastifyStatic, {
+      root: publicFolder,
+      wildcard: false,
+      index: ['index.html'],
+      cacheControl: true,
+      maxAge: '5m',
+    });
   });
 
   await container.invalidation.start();
