@@ -98,7 +98,7 @@ export async function createContainer(
     ttlMs: config.localCacheSeconds * 1000,
     logger,
   });
-  const users = new UserRepository(db, database.pool);
+  const users = new UserRepository(db, database.pool, invalidation);
   const tokens = new TokenService({
     secret: config.jwt.secret,
     issuer: config.jwt.issuer,

@@ -2,7 +2,7 @@ import { createHash, randomInt } from 'node:crypto';
 import { and, eq } from 'drizzle-orm';
 import { decodeJwt, decodeProtectedHeader } from 'jose';
 import type { Response } from 'light-my-request';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
 import type { App } from '../src/api/app.js';
 import { sessions, subscriptions, users } from '../src/db/schema/index.js';
 import { sha256Hex } from '../src/lib/secrets.js';
@@ -1016,7 +1016,7 @@ describe('profile', () => {
     }
   });
 
-  it('reads the tier fresh from the database on every request', async () => {
+  it('reads the tier from the database, never the token: a change takes effect on the next request once announced, and by hand within 5 s', async () => {
     const user = await signIn(ctx.app);
     expect((await me(ctx.app, user.accessToken)).json().tier).toBe('basic');
     const db = ctx.container.database.db;
@@ -1027,12 +1027,23 @@ describe('profile', () => {
       customerId: `cus_test_${randomInt(1e9)}`,
       status: 'active',
     });
-    expect((await me(ctx.app, user.accessToken)).json().tier).toBe('pro');
+    // Written behind the service's back: the process still holds the account it read...
+    expect((await me(ctx.app, user.accessToken)).json().tier).toBe('basic');
+    // ...for at most 5 s.
+    vi.useFakeTimers({ toFake: ['Date'], now: Date.now() + 5_001 });
+    try {
+      expect((await me(ctx.app, user.accessToken)).json().tier).toBe('pro');
+    } finally {
+      vi.useRealTimers();
+    }
 
+    // Every write of the service (a webhook, a profile change) announces itself: the next
+    // request reads the database again.
     await db
       .update(subscriptions)
       .set({ status: 'canceled' })
       .where(and(eq(subscriptions.id, subscriptionId), eq(subscriptions.userId, user.id)));
+    await ctx.container.users.accountChanged(user.id);
     expect((await me(ctx.app, user.accessToken)).json().tier).toBe('basic');
   });
 });

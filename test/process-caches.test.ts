@@ -1,5 +1,7 @@
+import { eq } from 'drizzle-orm';
 import { afterAll, afterEach, beforeAll, describe, expect, it, vi } from 'vitest';
 import type { App } from '../src/api/app.js';
+import { users } from '../src/db/schema/index.js';
 import { InvalidationBus, LocalCache } from '../src/lib/local-cache.js';
 import { createLogger } from '../src/lib/logger.js';
 import { connectRedis, createRedis, type Redis } from '../src/lib/redis.js';
@@ -557,6 +559,29 @@ describe('two API instances on the same data', () => {
     return { pending, release };
   }
 
+  it('serves B’s cached account from process memory, then fresh after A changes the profile', async () => {
+    const user = await signIn(a.app, { name: 'Before' });
+    expect((await me(b.app, user.headers)).json().name).toBe('Before');
+    // Changed behind the service's back: B keeps what it read (so it did cache it).
+    await b.container.database.db
+      .update(users)
+      .set({ name: 'By hand' })
+      .where(eq(users.id, user.id));
+    expect((await me(b.app, user.headers)).json().name).toBe('Before');
+
+    const patched = await a.app.inject({
+      method: 'PATCH',
+      url: '/user/me',
+      headers: user.headers,
+      payload: { name: 'Through A' },
+    });
+    expect(patched.statusCode, patched.body).toBe(200);
+    await until(
+      async () => (await me(b.app, user.headers)).json().name,
+      (name) => name === 'Through A',
+    );
+  });
+
   it('does not keep a list that B was loading while A renamed the room', async () => {
     const user = await signIn(a.app, { password: PASSWORD });
     const { pending, release } = await loadAcrossRename(user);
@@ -732,6 +757,12 @@ describe('LOCAL_CACHE_SECONDS=0', () => {
 
     await rename(ctx.app, user, room.id, 'Renamed');
     expect(await listRooms(ctx.app, user)).toEqual({ cache: 'MISS', names: ['Renamed'] });
+
+    await ctx.container.database.db
+      .update(users)
+      .set({ name: 'By hand' })
+      .where(eq(users.id, user.id));
+    expect((await me(ctx.app, user.headers)).json().name).toBe('By hand');
 
     expect((await logout(ctx.app, user)).statusCode).toBe(204);
     expectError(await me(ctx.app, user.headers), 401, 'UNAUTHENTICATED');

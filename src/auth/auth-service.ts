@@ -52,7 +52,7 @@ export class AuthService {
       email: input.email ?? null,
       passwordHash,
     };
-    return this.o.db.transaction(async (tx) => {
+    const user = await this.o.db.transaction(async (tx) => {
       const created = await this.o.users.insert(values, tx);
       if (created) return created;
       const existing = await this.o.users.findByMobile(input.mobile, tx);
@@ -70,6 +70,8 @@ export class AuthService {
       await this.o.otps.discard(input.mobile, 'signin');
       return replaced!;
     });
+    await this.o.users.accountChanged(user.id);
+    return user;
   }
 
   /** Sends a code. With OTP_DELIVERY=log the answer is the same for unknown numbers. */
@@ -101,13 +103,15 @@ export class AuthService {
         message: 'The code is wrong, expired or already used',
       });
     }
-    return this.o.db.transaction(async (tx) => {
+    const signedIn = await this.o.db.transaction(async (tx) => {
       const current = user.verifiedAt
         ? user
         : ((await this.o.users.update(user.id, { verifiedAt: this.o.clock.now() }, tx)) ?? user);
       const pair = await this.o.sessions.create(current.id, meta, tx);
       return { ...pair, user: current };
     });
+    if (!user.verifiedAt) await this.o.users.accountChanged(user.id);
+    return signedIn;
   }
 
   async resetPassword(mobile: string, otp: string, newPassword: string): Promise<void> {
@@ -129,6 +133,7 @@ export class AuthService {
       );
       await this.o.sessions.revokeAll(user.id, 'password_reset', undefined, tx);
     });
+    await this.o.users.accountChanged(user.id);
   }
 
   async changePassword(
@@ -158,6 +163,7 @@ export class AuthService {
       await this.o.users.update(userId, { passwordHash }, tx);
       await this.o.sessions.revokeAll(userId, 'password_changed', sessionId, tx);
     });
+    await this.o.users.accountChanged(userId);
   }
 
   /** The same error for an unknown number and a wrong password, in about the same time. */

@@ -50,6 +50,9 @@ export interface SubscriptionStatus {
   usage: Usage;
 }
 
+/** A webhook's outcome, and whose account it changed. */
+type Applied = WebhookOutcome & { userId?: string };
+
 export interface WebhookOutcome {
   eventId: string;
   type: string;
@@ -146,7 +149,7 @@ export class BillingService {
   ): Promise<WebhookOutcome> {
     const { client, settings } = this.stripe();
     const event = this.verify(client, settings, rawBody, signatureHeader);
-    return this.o.db.transaction(async (tx) => {
+    const applied = await this.o.db.transaction(async (tx): Promise<Applied> => {
       const recorded = await tx
         .insert(stripeEvents)
         .values({ id: event.id, type: event.type, stripeCreatedAt: new Date(event.created * 1000) })
@@ -157,8 +160,12 @@ export class BillingService {
       const ref = subscriptionRefOf(event);
       if (!ref) return outcome;
       const written = await this.sync(tx, client, ref, event);
-      return written ? { ...outcome, subscriptionId: written } : outcome;
+      return written ? { ...outcome, ...written } : outcome;
     });
+    const { userId, ...outcome } = applied;
+    // The tier changes on the user's next request, whichever instance serves it.
+    if (userId) await this.o.users.accountChanged(userId);
+    return outcome;
   }
 
   /** Tier, the current subscription as Stripe last told us, and today's prompt usage. */
@@ -223,7 +230,7 @@ export class BillingService {
     client: Stripe,
     ref: SubscriptionRef,
     event: Stripe.Event,
-  ): Promise<string | undefined> {
+  ): Promise<{ subscriptionId: string; userId?: string } | undefined> {
     // Serialises deliveries about one subscription, so the last writer holds the latest read.
     await tx.execute(
       sql`select pg_advisory_xact_lock(hashtextextended(${`stripe-subscription:${ref.id}`}, 0))`,
@@ -253,7 +260,7 @@ export class BillingService {
         { eventId: event.id, subscriptionId: subscription.id },
         'stripe read older than the stored state; ignored',
       );
-      return subscription.id;
+      return { subscriptionId: subscription.id };
     }
 
     const now = this.o.clock.now();
@@ -287,7 +294,7 @@ export class BillingService {
       },
       'stripe subscription synced',
     );
-    return subscription.id;
+    return { subscriptionId: subscription.id, userId: values.userId };
   }
 
   private async retrieve(

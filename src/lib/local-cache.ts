@@ -167,9 +167,10 @@ export class InvalidationBus {
     return this.live;
   }
 
-  cache<V>(name: string, maxEntries: number): LocalCache<V> {
+  /** A cache on this bus; `ttlMs` can shorten (never lengthen) the bus's TTL for its entries. */
+  cache<V>(name: string, maxEntries: number, ttlMs = this.o.ttlMs): LocalCache<V> {
     const cache = new LocalCache<V>(name, {
-      ttlMs: this.o.ttlMs,
+      ttlMs: Math.min(ttlMs, this.o.ttlMs),
       maxEntries,
       live: () => this.live,
     });

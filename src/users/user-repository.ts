@@ -3,6 +3,16 @@ import type pg from 'pg';
 import type { DbOrTx } from '../db/client.js';
 import { type SubscriptionRow, type UserRow, users } from '../db/schema/index.js';
 import { batched } from '../lib/batch.js';
+import type { InvalidationBus, LocalCache } from '../lib/local-cache.js';
+
+/** The process cache's name on the invalidation bus. */
+const ACCOUNT_CACHE = 'accounts';
+/**
+ * Every change the service makes to a user or their subscriptions drops the account everywhere
+ * at once (`accountChanged`); this only bounds how long a change made behind the service's back
+ * (SQL by hand) can go unseen.
+ */
+const ACCOUNT_CACHE_MS = 5_000;
 
 const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i;
 
@@ -71,11 +81,15 @@ export class UserRepository {
    * made after it was asked for, so it sees every change committed before that.
    */
   private readonly accounts: (id: string) => Promise<Account | undefined>;
+  /** Accounts by user id, in this process (see `findWithSubscriptions`). */
+  private readonly cached: LocalCache<Account | undefined>;
 
   constructor(
     private readonly db: DbOrTx,
     private readonly pool: pg.Pool,
+    private readonly invalidation: InvalidationBus,
   ) {
+    this.cached = invalidation.cache<Account | undefined>(ACCOUNT_CACHE, 100_000, ACCOUNT_CACHE_MS);
     this.byId = db
       .select()
       .from(users)
@@ -115,12 +129,26 @@ export class UserRepository {
   }
 
   /**
-   * The user and their subscriptions (newest first, as `loadSubscriptions` orders them), read
-   * fresh, in one round trip shared with the other reads of the moment (`GET /user/me`, the
-   * tier of each prompt).
+   * The user and their subscriptions (newest first, as `loadSubscriptions` orders them), for the
+   * profile and the tier of every request that needs them. Kept in this process until any change
+   * to the account (see `accountChanged`), so an upgrade or downgrade still takes effect on the
+   * next request; a miss is read in one round trip shared with the other reads of the moment.
+   * The value is shared: callers must not modify it.
    */
   async findWithSubscriptions(id: string): Promise<Account | undefined> {
-    return this.accounts(id);
+    return this.cached.load(
+      id,
+      () => this.accounts(id),
+      (account) => account !== undefined,
+    );
+  }
+
+  /**
+   * Drops the accounts from every instance's cache. Call it after the change is committed;
+   * `update` outside a transaction calls it itself.
+   */
+  async accountChanged(...ids: string[]): Promise<void> {
+    await this.invalidation.invalidate(ACCOUNT_CACHE, ids);
   }
 
   async findByMobile(mobile: string, tx: DbOrTx = this.db): Promise<UserRow | undefined> {
@@ -167,6 +195,7 @@ export class UserRepository {
       .set({ ...values, updatedAt: new Date() })
       .where(eq(users.id, id))
       .returning();
+    if (tx === this.db) await this.accountChanged(id);
     return row;
   }
 }
