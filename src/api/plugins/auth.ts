@@ -15,6 +15,12 @@ declare module 'fastify' {
   }
 }
 
+const BEARER = /^Bearer ([A-Za-z0-9._~+/=-]+)$/i;
+
+function bearerToken(header: string | string[] | undefined): string | undefined {
+  return typeof header === 'string' ? BEARER.exec(header.trim())?.[1] : undefined;
+}
+
 const missing = () =>
   new AppError({
     code: 'UNAUTHENTICATED',
@@ -41,14 +47,17 @@ export function registerAuth(app: FastifyInstance, container: Container): Protec
     // every one) is checked without a promise.
     onRequest: (request, _reply, done) => {
       const header = request.headers.authorization;
-      const match =
-        typeof header === 'string' ? /^Bearer ([A-Za-z0-9._~+/=-]+)$/i.exec(header.trim()) : null;
-      const token = match?.[1];
+      // A token this process verified before needs no syntax check.
+      const quick =
+        typeof header === 'string' && header.startsWith('Bearer ') ? header.slice(7) : undefined;
+      const knownQuick =
+        quick === undefined ? undefined : container.sessions.authenticateKnown(quick);
+      const token = knownQuick === undefined ? bearerToken(header) : quick;
       if (!token) {
         request.authError = missing();
         return done();
       }
-      const known = container.sessions.authenticateKnown(token);
+      const known = knownQuick ?? container.sessions.authenticateKnown(token);
       if (known !== undefined) {
         if (known instanceof AppError) request.authError = known;
         else request.auth = known;

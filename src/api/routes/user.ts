@@ -4,7 +4,7 @@ import type { Tier } from '../../billing/tier.js';
 import type { Container } from '../../container.js';
 import type { UserRow } from '../../db/schema/index.js';
 import { AppError } from '../../lib/errors.js';
-import { type Profile, profileOf } from '../../users/user-repository.js';
+import { type Account, type Profile, profileOf } from '../../users/user-repository.js';
 import { caller, type Protected } from '../plugins/auth.js';
 import { bearer, errorResponses, sendJson, textInput, toIso, userSchema } from '../schemas.js';
 
@@ -22,6 +22,24 @@ export function toUserDto(user: UserRow | Profile, tier: Tier): z.infer<typeof u
   };
 }
 
+/**
+ * The profile as sent, per account and tier. Accounts come from a cache and are never modified
+ * (a change replaces them), so an account's JSON is built once per tier it is shown with.
+ */
+const serialized = new WeakMap<Account, Partial<Record<Tier, string>>>();
+
+function profileJson(account: Account, tier: Tier): string {
+  let byTier = serialized.get(account);
+  if (!byTier) {
+    byTier = {};
+    serialized.set(account, byTier);
+  }
+  // Built from typed fields only, so the schema check of the serializer adds nothing here (the
+  // response tests check the body against the schema).
+  byTier[tier] ??= JSON.stringify(toUserDto(account.profile, tier));
+  return byTier[tier];
+}
+
 export const userRoutes =
   (container: Container, authenticated: Protected): FastifyPluginAsyncZod =>
   async (app) => {
@@ -36,20 +54,18 @@ export const userRoutes =
         schema: {
           tags,
           security: bearer,
-          summary: 'The signed-in user, with the tier read fresh from the database',
+          summary:
+            'The signed-in user, with their current tier (from the database, never the token)',
           response: { 200: userSchema, ...errorResponses('UNAUTHENTICATED') },
         },
       },
       async (request, reply) => {
         const { userId } = caller(request);
-        // One query for both (batched with the reads of the moment), made for this request: the
-        // tier is read fresh from the database.
+        // The profile and the subscriptions that decide the tier, in one read (see
+        // findWithSubscriptions); the tier is worked out now, as it depends on the time.
         const found = await container.users.findWithSubscriptions(userId);
         if (!found) throw gone();
-        const user = toUserDto(found.profile, container.tierFrom(found.subscriptions));
-        // Built from typed fields only, so the schema check of the serializer adds nothing here
-        // (the response tests check the body against the schema).
-        return sendJson(reply, JSON.stringify(user));
+        return sendJson(reply, profileJson(found, container.tierFrom(found.subscriptions)));
       },
     );
 
