@@ -1,4 +1,4 @@
-// `npm run bench [-- --quick] [-- --profile] [-- --keep] [-- --strict] [-- --only=a,b]`
+// `npm run bench [-- --quick] [-- --profile] [-- --keep] [-- --strict] [-- --no-pin] [-- --only=a,b]`
 //
 // Starts the service as child processes (real PostgreSQL and Redis, a fake model), seeds users
 // and rooms through the API, measures each figure against a bare-Fastify ceiling measured in
@@ -28,6 +28,7 @@ import {
   sseAgent,
   sseRequest,
 } from './load.js';
+import { pin, pinningPlan } from './pin.js';
 import type { ProbeStats } from './probe.js';
 import { summariseProfiles } from './profile-summary.js';
 
@@ -40,6 +41,7 @@ const profile = flag('profile');
 const cpuProf = flag('cpu-prof');
 const keep = flag('keep');
 const strict = flag('strict');
+const noPin = flag('no-pin');
 const onlyArg = argv.find((a) => a.startsWith('--only='))?.slice('--only='.length);
 const only = onlyArg ? new Set(onlyArg.split(',')) : undefined;
 const wanted = (section: string) => !only || only.has(section);
@@ -378,15 +380,36 @@ async function main() {
     });
     if (hit.headers.get('x-cache') !== 'HIT') failures.push('GET /chatroom was not a cache hit');
 
+    // The read endpoints run pinned (see pin.ts); message accept does not: most of its cost is in
+    // PostgreSQL and Redis, which need the cores the pinning would hand out.
+    const plan = noPin ? undefined : pinningPlan();
+    const setPinning = (on: boolean) =>
+      plan !== undefined &&
+      pin(process.pid, on ? plan.loadGenerator : plan.all) &&
+      pin(api.pid, on ? plan.servers : plan.all) &&
+      pin(ceilingChild.pid, on ? plan.servers : plan.all);
+
     const endpoints: Record<string, unknown> = {};
     const ceilings: Array<{ before: string; summary: CannonSummary; stats?: ProbeStats }> = [];
     const runs = [
-      { name: 'getChatroom', requests: getRequests('/chatroom'), t: TARGETS.getChatroomRatio },
-      { name: 'userMe', requests: getRequests('/user/me'), t: TARGETS.userMeRatio },
-      { name: 'messageAccept', requests: messageRequests(users), t: TARGETS.messageAcceptRatio },
+      {
+        name: 'getChatroom',
+        requests: getRequests('/chatroom'),
+        t: TARGETS.getChatroomRatio,
+        pinned: true,
+      },
+      { name: 'userMe', requests: getRequests('/user/me'), t: TARGETS.userMeRatio, pinned: true },
+      {
+        name: 'messageAccept',
+        requests: messageRequests(users),
+        t: TARGETS.messageAcceptRatio,
+        pinned: false,
+      },
     ];
-    for (const { name, requests, t } of runs) {
+    for (const { name, requests, t, pinned: pinnable } of runs) {
       if (endpointFilter && !endpointFilter.has(name)) continue;
+      const pinned = setPinning(pinnable);
+      if (plan && pinnable && !pinned) log('could not pin processes to cores (taskset)');
       const base = { url, connections, requests };
       // Warm-up (JIT, pools); message accept is warm enough from the seeding and the others.
       if (name !== 'messageAccept') await cannon({ ...base, duration: warmupS });
@@ -407,12 +430,20 @@ async function main() {
         ratio,
         target: t,
         pass: ratio >= t,
+        pinned:
+          pinnable && pinned
+            ? { loadGenerator: plan?.loadGenerator, servers: plan?.servers }
+            : false,
         perRequest: tripsPer(s, summary.requests),
         otherCpuPerRequest: cpuPer(cpu, summary.requests),
         eventLoopDelayMs: s?.eventLoopDelayMs,
       };
     }
     await stopChild(ceilingChild);
+    if (plan) {
+      pin(process.pid, plan.all);
+      pin(api.pid, plan.all);
+    }
     const sorted = [...ceilings].sort((a, b) => a.summary.rps - b.summary.rps);
     const median = sorted[Math.floor(sorted.length / 2)];
     report.ceiling = {

@@ -3,8 +3,8 @@ import { errors, jwtVerify, SignJWT } from 'jose';
 import { AppError } from '../lib/errors.js';
 
 export interface AccessClaims {
-  userId: string;
-  sessionId: string;
+  readonly userId: string;
+  readonly sessionId: string;
 }
 
 export interface TokenServiceOptions {
@@ -67,7 +67,7 @@ export class TokenService {
     const known = this.verified.get(token);
     if (!known) return undefined;
     // The same rule as jose's: expired once `exp` is not after the current second.
-    if (known.exp > Math.floor(Date.now() / 1000)) return { ...known.claims };
+    if (known.exp > Math.floor(Date.now() / 1000)) return known.claims;
     this.verified.delete(token);
     return undefined;
   }
@@ -85,14 +85,15 @@ export class TokenService {
       });
       if (typeof payload.sub !== 'string' || typeof payload.sid !== 'string')
         throw new Error('claims');
-      const claims = { userId: payload.sub, sessionId: payload.sid };
+      // Frozen: the same object is handed to every request that presents this token.
+      const claims: AccessClaims = Object.freeze({ userId: payload.sub, sessionId: payload.sid });
       if (this.verified.size >= VERIFIED_MAX) {
         // Oldest first (a Map iterates in insertion order).
         const oldest = this.verified.keys().next().value;
         if (oldest !== undefined) this.verified.delete(oldest);
       }
       this.verified.set(token, { claims, exp: payload.exp! });
-      return { ...claims };
+      return claims;
     } catch (error) {
       const expired = error instanceof errors.JWTExpired;
       throw new AppError({
