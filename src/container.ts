@@ -11,6 +11,7 @@ import { ChatService } from './chat/chat-service.js';
 import { ReplyStreams } from './chat/reply-stream.js';
 import { RoomListCache } from './chat/room-list-cache.js';
 import type { Config } from './config.js';
+import { ChangeFeed } from './db/change-feed.js';
 import { createDatabase, type DatabaseHandle, ensureDatabase } from './db/client.js';
 import { runMigrations } from './db/migrate.js';
 import { type Clock, systemClock } from './lib/clock.js';
@@ -33,6 +34,8 @@ export interface Container {
   keys: RedisKeys;
   /** Invalidations of the API process caches; `start()` it where requests are served. */
   invalidation: InvalidationBus;
+  /** Process caches the database keeps true (accounts); started by the API. */
+  accountChanges: ChangeFeed;
   users: UserRepository;
   tokens: TokenService;
   sessions: SessionService;
@@ -98,7 +101,13 @@ export async function createContainer(
     ttlMs: config.localCacheSeconds * 1000,
     logger,
   });
-  const users = new UserRepository(db, database.pool, invalidation);
+  const accountChanges = new ChangeFeed({
+    databaseUrl: config.databaseUrl,
+    channel: 'account_changed',
+    ttlMs: config.localCacheSeconds * 1000,
+    logger,
+  });
+  const users = new UserRepository(db, database.pool, accountChanges);
   const tokens = new TokenService({
     secret: config.jwt.secret,
     issuer: config.jwt.issuer,
@@ -160,6 +169,7 @@ export async function createContainer(
     redis,
     keys,
     invalidation,
+    accountChanges,
     users,
     tokens,
     sessions,
@@ -178,6 +188,7 @@ export async function createContainer(
     limitFor,
     close: async () => {
       await invalidation.close();
+      await accountChanges.close();
       await replyQueue.close().catch(() => {});
       await maintenanceQueue.close().catch(() => {});
       await database.close();

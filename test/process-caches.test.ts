@@ -1,7 +1,5 @@
-import { eq } from 'drizzle-orm';
 import { afterAll, afterEach, beforeAll, describe, expect, it, vi } from 'vitest';
 import type { App } from '../src/api/app.js';
-import { users } from '../src/db/schema/index.js';
 import { InvalidationBus, LocalCache } from '../src/lib/local-cache.js';
 import { createLogger } from '../src/lib/logger.js';
 import { connectRedis, createRedis, type Redis } from '../src/lib/redis.js';
@@ -17,33 +15,9 @@ import {
 import { REDIS_URL } from './helpers/env.js';
 import { type RedisInstance, redisCommand, startRedisInstance } from './helpers/redis-instance.js';
 import { type SignedInUser, sessionIdOf, signIn } from './helpers/users.js';
+import { sleep, until } from './helpers/wait.js';
 
-/**
- * How long an invalidation may take to reach the other instance. Pub/sub delivers in about a
- * millisecond here; the margin is for a loaded CI machine, and is still far below the cache TTL
- * (60 s), so passing within it shows the invalidation arrived, not the entry expiring.
- */
-const DEADLINE_MS = 1000;
 const PASSWORD = 'cache-pass-123';
-
-const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms));
-
-/** Calls `attempt` until `done` accepts its result (every 5 ms, for at most `timeoutMs`). */
-async function until<T>(
-  attempt: () => Promise<T> | T,
-  done: (value: T) => boolean,
-  timeoutMs = DEADLINE_MS,
-): Promise<T> {
-  const deadline = Date.now() + timeoutMs;
-  for (;;) {
-    const value = await attempt();
-    if (done(value)) return value;
-    if (Date.now() > deadline) {
-      throw new Error(`not within ${timeoutMs} ms; last: ${JSON.stringify(value)}`);
-    }
-    await sleep(5);
-  }
-}
 
 function deferred<T = void>() {
   let resolve!: (value: T) => void;
@@ -51,6 +25,19 @@ function deferred<T = void>() {
     resolve = r;
   });
   return { promise, resolve };
+}
+
+/** A write with triggers off (`session_replication_role = replica`): the database announces nothing. */
+async function unannounced(ctx: TestContext, text: string, values: unknown[]) {
+  const client = await ctx.container.database.pool.connect();
+  try {
+    await client.query('begin');
+    await client.query('set local session_replication_role = replica');
+    await client.query(text, values);
+    await client.query('commit');
+  } finally {
+    client.release();
+  }
 }
 
 /** A second API instance on the first one's database and Redis prefix. */
@@ -562,11 +549,8 @@ describe('two API instances on the same data', () => {
   it('serves B’s cached account from process memory, then fresh after A changes the profile', async () => {
     const user = await signIn(a.app, { name: 'Before' });
     expect((await me(b.app, user.headers)).json().name).toBe('Before');
-    // Changed behind the service's back: B keeps what it read (so it did cache it).
-    await b.container.database.db
-      .update(users)
-      .set({ name: 'By hand' })
-      .where(eq(users.id, user.id));
+    // A write the database does not announce (triggers off): B keeps what it read.
+    await unannounced(b, `update users set name = 'Unannounced' where id = $1`, [user.id]);
     expect((await me(b.app, user.headers)).json().name).toBe('Before');
 
     const patched = await a.app.inject({
@@ -576,9 +560,34 @@ describe('two API instances on the same data', () => {
       payload: { name: 'Through A' },
     });
     expect(patched.statusCode, patched.body).toBe(200);
+    // A's own next request reads it at once; B's once the database's announcement arrives.
+    expect((await me(a.app, user.headers)).json().name).toBe('Through A');
     await until(
       async () => (await me(b.app, user.headers)).json().name,
       (name) => name === 'Through A',
+    );
+  });
+
+  it('drops an account on every instance when its subscriptions change by hand in the database', async () => {
+    const user = await signIn(a.app);
+    expect((await me(a.app, user.headers)).json().tier).toBe('basic');
+    expect((await me(b.app, user.headers)).json().tier).toBe('basic');
+    await a.container.database.pool.query(
+      `insert into subscriptions (id, user_id, customer_id, status) values ($1, $2, $3, 'active')`,
+      [`sub_hand_${user.id}`, user.id, `cus_hand_${user.id}`],
+    );
+    for (const app of [a.app, b.app]) {
+      await until(
+        async () => (await me(app, user.headers)).json().tier,
+        (tier) => tier === 'pro',
+      );
+    }
+    await a.container.database.pool.query(`delete from subscriptions where user_id = $1`, [
+      user.id,
+    ]);
+    await until(
+      async () => (await me(b.app, user.headers)).json().tier,
+      (tier) => tier === 'basic',
     );
   });
 
@@ -728,6 +737,55 @@ describe('the invalidation bus down', () => {
 
 // ---------------------------------------------------------------------------------------------
 
+describe('the database change feed down', () => {
+  let ctx: TestContext;
+  beforeAll(async () => {
+    ctx = await createTestContext();
+    await until(
+      () => ctx.container.accountChanges.isLive,
+      (live) => live,
+      5000,
+    );
+  });
+  afterAll(async () => ctx?.close());
+
+  /** Ends the feed's connection from the server's side, as a restart or a failover would. */
+  async function terminateListener() {
+    const { rows } = await ctx.container.database.pool.query<{ ended: boolean }>(
+      `select pg_terminate_backend(pid) as ended from pg_stat_activity
+       where application_name = 'gemini-chat change feed' and datname = current_database()`,
+    );
+    expect(rows.map((r) => r.ended)).toEqual([true]);
+  }
+
+  it('serves accounts from the database while not listening, and caches again once it listens', async () => {
+    const user = await signIn(ctx.app, { name: 'First' });
+    expect((await me(ctx.app, user.headers)).json().name).toBe('First');
+    await unannounced(ctx, `update users set name = 'Second' where id = $1`, [user.id]);
+    expect((await me(ctx.app, user.headers)).json().name).toBe('First');
+
+    await terminateListener();
+    await until(
+      () => ctx.container.accountChanges.isLive,
+      (live) => !live,
+    );
+    // Not listening: whatever changed may have been missed, so every read goes to the database.
+    expect((await me(ctx.app, user.headers)).json().name).toBe('Second');
+    await unannounced(ctx, `update users set name = 'Third' where id = $1`, [user.id]);
+    expect((await me(ctx.app, user.headers)).json().name).toBe('Third');
+
+    // It reconnects by itself, starts empty, and caches again.
+    await until(
+      () => ctx.container.accountChanges.isLive,
+      (live) => live,
+      5000,
+    );
+    expect((await me(ctx.app, user.headers)).json().name).toBe('Third');
+    await unannounced(ctx, `update users set name = 'Fourth' where id = $1`, [user.id]);
+    expect((await me(ctx.app, user.headers)).json().name).toBe('Third');
+  });
+});
+
 describe('LOCAL_CACHE_SECONDS=0', () => {
   let ctx: TestContext;
   beforeAll(async () => {
@@ -758,10 +816,8 @@ describe('LOCAL_CACHE_SECONDS=0', () => {
     await rename(ctx.app, user, room.id, 'Renamed');
     expect(await listRooms(ctx.app, user)).toEqual({ cache: 'MISS', names: ['Renamed'] });
 
-    await ctx.container.database.db
-      .update(users)
-      .set({ name: 'By hand' })
-      .where(eq(users.id, user.id));
+    expect(ctx.container.accountChanges.isLive).toBe(false);
+    await unannounced(ctx, `update users set name = 'By hand' where id = $1`, [user.id]);
     expect((await me(ctx.app, user.headers)).json().name).toBe('By hand');
 
     expect((await logout(ctx.app, user)).statusCode).toBe(204);

@@ -147,6 +147,8 @@ export async function buildApp(container: Container, options: BuildAppOptions = 
 
   await container.invalidation.start();
   app.addHook('onClose', async () => container.invalidation.close());
+  await container.accountChanges.start();
+  app.addHook('onClose', async () => container.accountChanges.close());
   const authenticated = registerAuth(app, container);
   await registerRateLimit(app, container);
 

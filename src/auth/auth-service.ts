@@ -70,7 +70,7 @@ export class AuthService {
       await this.o.otps.discard(input.mobile, 'signin');
       return replaced!;
     });
-    await this.o.users.accountChanged(user.id);
+    this.o.users.accountChanged(user.id);
     return user;
   }
 
@@ -110,7 +110,7 @@ export class AuthService {
       const pair = await this.o.sessions.create(current.id, meta, tx);
       return { ...pair, user: current };
     });
-    if (!user.verifiedAt) await this.o.users.accountChanged(user.id);
+    if (!user.verifiedAt) this.o.users.accountChanged(user.id);
     return signedIn;
   }
 
@@ -133,7 +133,7 @@ export class AuthService {
       );
       await this.o.sessions.revokeAll(user.id, 'password_reset', undefined, tx);
     });
-    await this.o.users.accountChanged(user.id);
+    this.o.users.accountChanged(user.id);
   }
 
   async changePassword(
@@ -163,7 +163,7 @@ export class AuthService {
       await this.o.users.update(userId, { passwordHash }, tx);
       await this.o.sessions.revokeAll(userId, 'password_changed', sessionId, tx);
     });
-    await this.o.users.accountChanged(userId);
+    this.o.users.accountChanged(userId);
   }
 
   /** The same error for an unknown number and a wrong password, in about the same time. */

@@ -164,7 +164,7 @@ export class BillingService {
     });
     const { userId, ...outcome } = applied;
     // The tier changes on the user's next request, whichever instance serves it.
-    if (userId) await this.o.users.accountChanged(userId);
+    if (userId) this.o.users.accountChanged(userId);
     return outcome;
   }
 

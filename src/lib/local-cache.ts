@@ -119,6 +119,56 @@ export class LocalCache<V> {
   }
 }
 
+/**
+ * Process caches kept true by one feed of invalidations. Feeds deliver at most once, so the
+ * caches serve nothing unless the feed is known to be live: they are emptied when it goes down
+ * and again when it is confirmed after a reconnect (whatever changed meanwhile is unknown).
+ */
+export class CacheGroup {
+  private readonly caches = new Map<string, LocalCache<unknown>>();
+  private live = false;
+
+  constructor(private readonly ttlMs: number) {}
+
+  get enabled(): boolean {
+    return this.ttlMs > 0;
+  }
+
+  get isLive(): boolean {
+    return this.live;
+  }
+
+  /** A cache in this group; `ttlMs` can shorten (never lengthen) the group's TTL. */
+  cache<V>(name: string, maxEntries: number, ttlMs = this.ttlMs): LocalCache<V> {
+    const cache = new LocalCache<V>(name, {
+      ttlMs: Math.min(ttlMs, this.ttlMs),
+      maxEntries,
+      live: () => this.live,
+    });
+    this.caches.set(name, cache as LocalCache<unknown>);
+    return cache;
+  }
+
+  /** The feed is confirmed: start empty, then serve. */
+  protected up(): void {
+    for (const cache of this.caches.values()) cache.clear();
+    this.live = true;
+  }
+
+  /** The feed may miss invalidations from now on: serve nothing. */
+  protected down(): void {
+    if (!this.live) return;
+    this.live = false;
+    for (const cache of this.caches.values()) cache.clear();
+  }
+
+  /** Drops keys of one cache, or of every cache when `name` is undefined, in this process. */
+  dropLocal(name: string | undefined, keys: string[]): void {
+    const caches = name === undefined ? [...this.caches.values()] : [this.caches.get(name)];
+    for (const cache of caches) for (const key of keys) cache?.drop(key);
+  }
+}
+
 /** How often the bus checks that its subscription still hears (see `beat`). */
 const HEARTBEAT_MS = 5000;
 
@@ -142,10 +192,8 @@ export interface InvalidationBusOptions {
  * again when the subscription is confirmed after a reconnect. Until `start()` has subscribed
  * (or in a process that never starts it, like the worker), every lookup misses.
  */
-export class InvalidationBus {
-  private readonly caches = new Map<string, LocalCache<unknown>>();
+export class InvalidationBus extends CacheGroup {
   private subscriber: Redis | undefined;
-  private live = false;
   private stopped = false;
   /** Names this process's heartbeats on the shared channel. */
   private readonly instance = randomUUID();
@@ -153,29 +201,12 @@ export class InvalidationBus {
   /** The heartbeat sent and not heard back yet, and when it was sent. */
   private awaiting: { id: string; sentAt: number } | undefined;
 
-  constructor(private readonly o: InvalidationBusOptions) {}
-
-  get enabled(): boolean {
-    return this.o.ttlMs > 0;
+  constructor(private readonly o: InvalidationBusOptions) {
+    super(o.ttlMs);
   }
 
   private get heartbeatMs(): number {
     return this.o.heartbeatMs ?? HEARTBEAT_MS;
-  }
-
-  get isLive(): boolean {
-    return this.live;
-  }
-
-  /** A cache on this bus; `ttlMs` can shorten (never lengthen) the bus's TTL for its entries. */
-  cache<V>(name: string, maxEntries: number, ttlMs = this.o.ttlMs): LocalCache<V> {
-    const cache = new LocalCache<V>(name, {
-      ttlMs: Math.min(ttlMs, this.o.ttlMs),
-      maxEntries,
-      live: () => this.live,
-    });
-    this.caches.set(name, cache as LocalCache<unknown>);
-    return cache;
   }
 
   async start(): Promise<void> {
@@ -211,14 +242,14 @@ export class InvalidationBus {
     if (!subscriber || this.stopped) return;
     if (this.awaiting && Date.now() - this.awaiting.sentAt >= this.heartbeatMs) {
       this.awaiting = undefined;
-      if (this.live) {
+      if (this.isLive) {
         this.o.logger.warn('cache invalidation channel went quiet; reconnecting');
         this.down();
         subscriber.disconnect(true);
       }
       return;
     }
-    if (!this.live || this.awaiting) return;
+    if (!this.isLive || this.awaiting) return;
     const id = randomUUID();
     this.awaiting = { id, sentAt: Date.now() };
     this.o.redis.publish(this.o.channel, `\n${this.instance}\n${id}`).catch(() => {
@@ -231,8 +262,7 @@ export class InvalidationBus {
       await subscriber.subscribe(this.o.channel);
       if (this.stopped) return;
       // Whatever was published while we were not subscribed is lost: start empty.
-      for (const cache of this.caches.values()) cache.clear();
-      this.live = true;
+      this.up();
     } catch (error) {
       if (this.stopped || subscriber !== this.subscriber) return;
       this.o.logger.warn({ err: (error as Error).message }, 'cache invalidation subscribe failed');
@@ -243,12 +273,6 @@ export class InvalidationBus {
     }
   }
 
-  private down() {
-    if (!this.live) return;
-    this.live = false;
-    for (const cache of this.caches.values()) cache.clear();
-  }
-
   /** Message: `<cache>\n<key>\n<key>...`, or a heartbeat: `\n<instance>\n<id>`. */
   private apply(message: string) {
     const lines = message.split('\n');
@@ -256,9 +280,7 @@ export class InvalidationBus {
       if (lines[1] === this.instance && lines[2] === this.awaiting?.id) this.awaiting = undefined;
       return;
     }
-    const cache = this.caches.get(lines[0] ?? '');
-    if (!cache) return;
-    for (let i = 1; i < lines.length; i++) cache.drop(lines[i]!);
+    this.dropLocal(lines[0] ?? '', lines.slice(1));
   }
 
   /**
@@ -267,8 +289,7 @@ export class InvalidationBus {
    */
   async invalidate(name: string, keys: string[]): Promise<void> {
     if (keys.length === 0) return;
-    const cache = this.caches.get(name);
-    for (const key of keys) cache?.drop(key);
+    this.dropLocal(name, keys);
     if (!this.enabled) return;
     await this.o.redis.publish(this.o.channel, this.message(name, keys));
   }
@@ -282,15 +303,9 @@ export class InvalidationBus {
     return this.o.channel;
   }
 
-  /** Drops keys here only (the caller publishes `message()` itself). */
-  dropLocal(name: string, keys: string[]): void {
-    const cache = this.caches.get(name);
-    for (const key of keys) cache?.drop(key);
-  }
-
   async close(): Promise<void> {
     this.stopped = true;
-    this.live = false;
+    this.down();
     clearInterval(this.heartbeat);
     this.subscriber?.disconnect();
     this.subscriber = undefined;

@@ -3,16 +3,10 @@ import type pg from 'pg';
 import type { DbOrTx } from '../db/client.js';
 import { type SubscriptionRow, type UserRow, users } from '../db/schema/index.js';
 import { batched } from '../lib/batch.js';
-import type { InvalidationBus, LocalCache } from '../lib/local-cache.js';
+import type { CacheGroup, LocalCache } from '../lib/local-cache.js';
 
-/** The process cache's name on the invalidation bus. */
+/** The process cache's name in its group (the database change feed). */
 const ACCOUNT_CACHE = 'accounts';
-/**
- * Every change the service makes to a user or their subscriptions drops the account everywhere
- * at once (`accountChanged`); this only bounds how long a change made behind the service's back
- * (SQL by hand) can go unseen.
- */
-const ACCOUNT_CACHE_MS = 5_000;
 
 const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i;
 
@@ -87,9 +81,9 @@ export class UserRepository {
   constructor(
     private readonly db: DbOrTx,
     private readonly pool: pg.Pool,
-    private readonly invalidation: InvalidationBus,
+    private readonly changes: CacheGroup,
   ) {
-    this.cached = invalidation.cache<Account | undefined>(ACCOUNT_CACHE, 100_000, ACCOUNT_CACHE_MS);
+    this.cached = changes.cache<Account | undefined>(ACCOUNT_CACHE, 100_000);
     this.byId = db
       .select()
       .from(users)
@@ -130,10 +124,11 @@ export class UserRepository {
 
   /**
    * The user and their subscriptions (newest first, as `loadSubscriptions` orders them), for the
-   * profile and the tier of every request that needs them. Kept in this process until any change
-   * to the account (see `accountChanged`), so an upgrade or downgrade still takes effect on the
-   * next request; a miss is read in one round trip shared with the other reads of the moment.
-   * The value is shared: callers must not modify it.
+   * profile and the tier of every request that needs them. Kept in this process until the
+   * database announces a change to the user or their subscriptions (a trigger NOTIFYs every
+   * committed change, whoever makes it: see ChangeFeed), so an upgrade or downgrade takes effect
+   * on the next request. A miss is read in one round trip shared with the other reads of the
+   * moment. The value is shared: callers must not modify it.
    */
   async findWithSubscriptions(id: string): Promise<Account | undefined> {
     return this.cached.load(
@@ -144,11 +139,12 @@ export class UserRepository {
   }
 
   /**
-   * Drops the accounts from every instance's cache. Call it after the change is committed;
-   * `update` outside a transaction calls it itself.
+   * Drops the accounts here at once, after a change this process committed: the database's
+   * announcement of it reaches every process a moment later, and this one's next request must
+   * not be answered from before it. `update` outside a transaction calls it itself.
    */
-  async accountChanged(...ids: string[]): Promise<void> {
-    await this.invalidation.invalidate(ACCOUNT_CACHE, ids);
+  accountChanged(...ids: string[]): void {
+    this.changes.dropLocal(ACCOUNT_CACHE, ids);
   }
 
   async findByMobile(mobile: string, tx: DbOrTx = this.db): Promise<UserRow | undefined> {
@@ -195,7 +191,7 @@ export class UserRepository {
       .set({ ...values, updatedAt: new Date() })
       .where(eq(users.id, id))
       .returning();
-    if (tx === this.db) await this.accountChanged(id);
+    if (tx === this.db) this.accountChanged(id);
     return row;
   }
 }
