@@ -49,7 +49,7 @@ export interface Container {
   replyQueue: Queue<ReplyJob>;
   maintenanceQueue: Queue;
   llm: LlmProvider;
-  /** The user's tier, read fresh from the database. */
+  /** The user's tier, from their subscriptions in the database (see findWithSubscriptions). */
   tierOf(userId: string): Promise<Tier>;
   /** The tier that subscriptions just read from the database give (see `tierOf`). */
   tierFrom(subscriptions: TierFacts[]): Tier;

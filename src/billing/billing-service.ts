@@ -30,7 +30,7 @@ export interface BillingServiceOptions {
   quota: QuotaService;
   clock: Clock;
   logger: Logger;
-  /** The user's tier, read fresh from the database. */
+  /** The user's tier, from their subscriptions in the database (see findWithSubscriptions). */
   tierOf(userId: string): Promise<Tier>;
   /** Daily prompt limit of a tier; null is unlimited. */
   limitFor(tier: Tier): number | null;

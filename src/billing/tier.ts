@@ -37,10 +37,10 @@ function prepare(db: DbOrTx) {
     .prepare('tier_subscriptions');
 }
 
-/** Built once per database handle (it runs on every prompt and every `GET /user/me`). */
+/** Built once per database handle. */
 const statements = new WeakMap<DbOrTx, ReturnType<typeof prepare>>();
 
-/** The user's subscriptions, newest first; read fresh on every request (never from a token). */
+/** The user's subscriptions, newest first, read now (for `GET /subscription/status`). */
 export async function loadSubscriptions(db: DbOrTx, userId: string): Promise<SubscriptionRow[]> {
   let statement = statements.get(db);
   if (!statement) {

@@ -120,7 +120,7 @@ export const billingRoutes =
           security: bearer,
           summary: 'Tier, subscription state and today’s prompt usage',
           description:
-            'The tier is read fresh from the database. Works without Stripe settings (everyone is Basic then). Carries the `X-RateLimit-*` headers of the daily quota.',
+            'The tier comes from the subscriptions in the database (never from the token), as of the last committed change. Works without Stripe settings (everyone is Basic then). Carries the `X-RateLimit-*` headers of the daily quota.',
           response: {
             200: statusSchema,
             ...errorResponses('UNAUTHENTICATED', 'RATE_LIMITED', 'UNAVAILABLE'),
