@@ -2,8 +2,6 @@ import pg from 'pg';
 import { CacheGroup } from '../lib/local-cache.js';
 import type { Logger } from '../lib/logger.js';
 
-/** How often the listening connection is checked, and how long a check may take. */
-const HEARTBEAT_MS = 5000;
 const RECONNECT_MS = 1000;
 
 export interface ChangeFeedOptions {
@@ -13,6 +11,7 @@ export interface ChangeFeedOptions {
   /** TTL of the caches' entries; 0 turns them off (and nothing listens). */
   ttlMs: number;
   logger: Logger;
+  /** How often the listening connection is checked, and how long a check may take (5,000 ms). */
   heartbeatMs?: number;
 }
 
@@ -33,11 +32,7 @@ export class ChangeFeed extends CacheGroup {
   private reconnect: NodeJS.Timeout | undefined;
 
   constructor(private readonly o: ChangeFeedOptions) {
-    super(o.ttlMs);
-  }
-
-  private get heartbeatMs(): number {
-    return this.o.heartbeatMs ?? HEARTBEAT_MS;
+    super(o.ttlMs, o.heartbeatMs);
   }
 
   /** Starts listening; resolves once it listens, or after 1 s (until then, lookups miss). */

@@ -119,6 +119,9 @@ export class LocalCache<V> {
   }
 }
 
+/** How often a feed of invalidations is checked for being live, by default. */
+const HEARTBEAT_MS = 5000;
+
 /**
  * Process caches kept true by one feed of invalidations. Feeds deliver at most once, so the
  * caches serve nothing unless the feed is known to be live: they are emptied when it goes down
@@ -128,7 +131,11 @@ export class CacheGroup {
   private readonly caches = new Map<string, LocalCache<unknown>>();
   private live = false;
 
-  constructor(private readonly ttlMs: number) {}
+  constructor(
+    private readonly ttlMs: number,
+    /** How often the feed is checked for being live (see the subclasses' heartbeats). */
+    protected readonly heartbeatMs = HEARTBEAT_MS,
+  ) {}
 
   get enabled(): boolean {
     return this.ttlMs > 0;
@@ -169,9 +176,6 @@ export class CacheGroup {
   }
 }
 
-/** How often the bus checks that its subscription still hears (see `beat`). */
-const HEARTBEAT_MS = 5000;
-
 export interface InvalidationBusOptions {
   redisUrl: string;
   /** Channel name (already under the Redis key prefix). */
@@ -202,11 +206,7 @@ export class InvalidationBus extends CacheGroup {
   private awaiting: { id: string; sentAt: number } | undefined;
 
   constructor(private readonly o: InvalidationBusOptions) {
-    super(o.ttlMs);
-  }
-
-  private get heartbeatMs(): number {
-    return this.o.heartbeatMs ?? HEARTBEAT_MS;
+    super(o.ttlMs, o.heartbeatMs);
   }
 
   async start(): Promise<void> {
