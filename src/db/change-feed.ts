@@ -49,6 +49,8 @@ export class ChangeFeed extends CacheGroup {
       connectionString: this.o.databaseUrl,
       application_name: 'gemini-chat change feed',
       keepAlive: true,
+      // An unreachable server fails the attempt (and a retry follows) instead of hanging it.
+      connectionTimeoutMillis: 5000,
     });
     this.client = client;
     client.on('error', (error) => this.abandon(client, error.message));
