@@ -385,11 +385,18 @@ async function main() {
     // The read endpoints run pinned (see pin.ts); message accept does not: most of its cost is in
     // PostgreSQL and Redis, which need the cores the pinning would hand out.
     const plan = noPin ? undefined : pinningPlan();
-    const setPinning = (on: boolean) =>
-      plan !== undefined &&
-      pin(process.pid, on ? plan.loadGenerator : plan.all) &&
-      pin(api.pid, on ? plan.servers : plan.all) &&
-      pin(ceilingChild.pid, on ? plan.servers : plan.all);
+    const setPinning = (on: boolean) => {
+      if (!plan) return false;
+      const done = [
+        pin(process.pid, on ? plan.loadGenerator : plan.all),
+        pin(api.pid, on ? plan.servers : plan.all),
+        pin(ceilingChild.pid, on ? plan.servers : plan.all),
+      ];
+      if (done.every(Boolean)) return true;
+      // All or none: a half-pinned run would compare unlike with unlike.
+      if (on) setPinning(false);
+      return false;
+    };
 
     const endpoints: Record<string, unknown> = {};
     const ceilings: Array<{ before: string; summary: CannonSummary; stats?: ProbeStats }> = [];

@@ -103,6 +103,7 @@ export async function createContainer(
   });
   const accountChanges = new ChangeFeed({
     databaseUrl: config.databaseUrl,
+    pool: database.pool,
     channel: 'account_changed',
     ttlMs: config.localCacheSeconds * 1000,
     logger,

@@ -1,3 +1,4 @@
+import net from 'node:net';
 import pg from 'pg';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { ChangeFeed } from '../src/db/change-feed.js';
@@ -31,6 +32,7 @@ describe('ChangeFeed (the accounts cache’s feed of database changes)', () => {
   async function openFeed(heartbeatMs = 5000) {
     const feed = new ChangeFeed({
       databaseUrl: instance.url(),
+      pool,
       channel: 'account_changed',
       ttlMs: 60_000,
       logger: createLogger('silent', new LogCapture()),
@@ -149,9 +151,79 @@ describe('ChangeFeed (the accounts cache’s feed of database changes)', () => {
     );
   });
 
+  it('empties the whole cache when a table is truncated', async () => {
+    const feed = await openFeed();
+    const cache = feed.cache<string>('accounts', 10);
+    expect(cache.set('a', '1', cache.begin())).toBe(true);
+    expect(cache.set('b', '2', cache.begin())).toBe(true);
+    await pool.query('truncate subscriptions');
+    await until(
+      () => [cache.get('a'), cache.get('b')],
+      (values) => values.every((v) => v === undefined),
+    );
+    expect(feed.isLive).toBe(true);
+  });
+
+  it('notices a listener that answers queries but no longer hears notifications, and listens again', async () => {
+    const feed = await openFeed(300);
+    const cache = feed.cache<string>('accounts', 10);
+    expect(cache.set('k', 'v', cache.begin())).toBe(true);
+    // Deaf behind the feed's back, as behind a pooler that hands LISTEN to another connection.
+    const listener = (feed as unknown as { client: pg.Client }).client;
+    await listener.query('UNLISTEN *');
+    await until(
+      () => feed.isLive,
+      (live) => !live,
+      3000,
+    );
+    expect(cache.get('k')).toBeUndefined();
+    await until(
+      () => feed.isLive,
+      (live) => live,
+      5000,
+    );
+    const userId = await insertUser();
+    expect(cache.set(userId, 'cached', cache.begin())).toBe(true);
+    await pool.query(`update users set name = 'Heard' where id = $1`, [userId]);
+    await until(
+      () => cache.get(userId),
+      (value) => value === undefined,
+    );
+  });
+
+  it('gives up on a server that accepts the connection and never answers, and tries again', async () => {
+    const sockets: net.Socket[] = [];
+    const silent = net.createServer((socket) => sockets.push(socket));
+    await new Promise<void>((resolve) => silent.listen(0, '127.0.0.1', resolve));
+    const { port } = silent.address() as net.AddressInfo;
+    const feed = new ChangeFeed({
+      databaseUrl: `postgres://postgres@127.0.0.1:${port}/postgres`,
+      pool,
+      channel: 'account_changed',
+      ttlMs: 60_000,
+      logger: createLogger('silent', new LogCapture()),
+      heartbeatMs: 200,
+    });
+    feeds.push(feed);
+    try {
+      await feed.start();
+      await until(
+        () => sockets.length,
+        (n) => n >= 2,
+        5000,
+      );
+      expect(feed.isLive).toBe(false);
+    } finally {
+      await feed.close();
+      for (const socket of sockets) socket.destroy();
+      await new Promise((resolve) => silent.close(resolve));
+    }
+  });
+
   it('with a TTL of 0 never listens and never caches', async () => {
     const feed = new ChangeFeed({
       databaseUrl: instance.url(),
+      pool,
       channel: 'account_changed',
       ttlMs: 0,
       logger: createLogger('silent', new LogCapture()),

@@ -32,6 +32,8 @@ export interface BillingServiceOptions {
   logger: Logger;
   /** The user's tier, from their subscriptions in the database (see findWithSubscriptions). */
   tierOf(userId: string): Promise<Tier>;
+  /** The tier that subscription rows give now (see `tierOf` in tier.ts). */
+  tierFrom(rows: SubscriptionRow[]): Tier;
   /** Daily prompt limit of a tier; null is unlimited. */
   limitFor(tier: Tier): number | null;
 }
@@ -170,10 +172,9 @@ export class BillingService {
 
   /** Tier, the current subscription as Stripe last told us, and today's prompt usage. */
   async status(userId: string): Promise<SubscriptionStatus> {
-    const [tier, rows] = await Promise.all([
-      this.o.tierOf(userId),
-      loadSubscriptions(this.o.db, userId),
-    ]);
+    // The tier from the very rows shown beside it, so the two always agree.
+    const rows = await loadSubscriptions(this.o.db, userId);
+    const tier = this.o.tierFrom(rows);
     const current = rows.find((row) => LIVE_STATUSES.has(row.status)) ?? rows[0];
     return {
       tier,

@@ -1,3 +1,4 @@
+import { randomUUID } from 'node:crypto';
 import pg from 'pg';
 import { CacheGroup } from '../lib/local-cache.js';
 import type { Logger } from '../lib/logger.js';
@@ -6,30 +7,42 @@ const RECONNECT_MS = 1000;
 
 export interface ChangeFeedOptions {
   databaseUrl: string;
-  /** The NOTIFY channel; each notification's payload is one key to drop. */
+  /** Sends the heartbeats (a connection other than the listener's, as any writer's is). */
+  pool: pg.Pool;
+  /** The NOTIFY channel; each notification's payload is one key to drop, or `*` for all. */
   channel: string;
   /** TTL of the caches' entries; 0 turns them off (and nothing listens). */
   ttlMs: number;
   logger: Logger;
-  /** How often the listening connection is checked, and how long a check may take (5,000 ms). */
+  /** How often the feed checks that it still hears, and how long an answer may take (5,000 ms). */
   heartbeatMs?: number;
 }
+
+/** The payload that drops every key (a TRUNCATE announces it). */
+const ALL = '*';
+const HEARTBEAT_PREFIX = 'heartbeat:';
 
 /**
  * Process caches kept true by PostgreSQL itself: triggers NOTIFY the key of every committed
  * change (see migration 0001), whoever wrote it, and this process LISTENs on a connection of its
  * own. The caches serve only while that connection is confirmed listening: they are emptied and
- * bypassed when it drops, and emptied again once LISTEN succeeds after a reconnect. A connection
- * that stops answering without closing (a half-open socket) is caught by a heartbeat query.
+ * bypassed when it drops, and emptied again once LISTEN succeeds after a reconnect. A heartbeat
+ * NOTIFY, sent through the pool as any change would be, must come back on the listener by the
+ * next beat; if it does not (a half-open socket, a frozen server, a pooler or proxy that does not
+ * carry notifications), the caches go off and the feed reconnects.
  *
- * The listener needs a session-level connection: behind a pooler in transaction mode, point
- * DATABASE_URL at PostgreSQL itself (or the caches stay off, which is safe, only slower).
+ * So behind a pooler in transaction mode the caches simply stay off (correct, only slower): point
+ * DATABASE_URL at PostgreSQL itself or at a session-mode pool to have them.
  */
 export class ChangeFeed extends CacheGroup {
   private client: pg.Client | undefined;
   private stopped = false;
   private heartbeat: NodeJS.Timeout | undefined;
   private reconnect: NodeJS.Timeout | undefined;
+  /** Names this process's heartbeats on the shared channel. */
+  private readonly instance = randomUUID();
+  /** The heartbeat sent and not heard back yet, and when it was sent. */
+  private awaiting: { payload: string; sentAt: number } | undefined;
 
   constructor(private readonly o: ChangeFeedOptions) {
     super(o.ttlMs, o.heartbeatMs);
@@ -38,7 +51,7 @@ export class ChangeFeed extends CacheGroup {
   /** Starts listening; resolves once it listens, or after 1 s (until then, lookups miss). */
   async start(): Promise<void> {
     if (!this.enabled || this.heartbeat) return;
-    this.heartbeat = setInterval(() => void this.beat(), this.heartbeatMs);
+    this.heartbeat = setInterval(() => this.beat(), this.heartbeatMs);
     this.heartbeat.unref();
     await Promise.race([this.connect(), new Promise((r) => setTimeout(r, 1000).unref())]);
   }
@@ -49,25 +62,45 @@ export class ChangeFeed extends CacheGroup {
       connectionString: this.o.databaseUrl,
       application_name: 'gemini-chat change feed',
       keepAlive: true,
-      // An unreachable server fails the attempt (and a retry follows) instead of hanging it.
-      connectionTimeoutMillis: 5000,
     });
     this.client = client;
     client.on('error', (error) => this.abandon(client, error.message));
     client.on('end', () => this.abandon(client, 'connection ended'));
     client.on('notification', (message) => {
-      if (message.channel === this.o.channel && message.payload) {
-        this.dropLocal(undefined, [message.payload]);
-      }
+      if (message.channel === this.o.channel && message.payload) this.apply(message.payload);
+    });
+    // Connecting and LISTEN together get one heartbeat's time; a server that accepts the
+    // connection and then never answers must not leave the caches off for good.
+    let timer: NodeJS.Timeout | undefined;
+    const timedOut = new Promise<never>((_, reject) => {
+      timer = setTimeout(() => reject(new Error('connect and LISTEN timed out')), this.heartbeatMs);
     });
     try {
-      await client.connect();
-      await client.query(`LISTEN ${pg.escapeIdentifier(this.o.channel)}`);
+      await Promise.race([
+        (async () => {
+          await client.connect();
+          await client.query(`LISTEN ${pg.escapeIdentifier(this.o.channel)}`);
+        })(),
+        timedOut,
+      ]);
       if (this.client !== client || this.stopped) return;
       // Changes committed before LISTEN took effect were not heard: start empty.
+      this.awaiting = undefined;
       this.up();
     } catch (error) {
       this.abandon(client, (error as Error).message);
+    } finally {
+      clearTimeout(timer);
+    }
+  }
+
+  private apply(payload: string) {
+    if (payload.startsWith(HEARTBEAT_PREFIX)) {
+      if (payload === this.awaiting?.payload) this.awaiting = undefined;
+    } else if (payload === ALL) {
+      this.clearAll();
+    } else {
+      this.dropLocal(undefined, [payload]);
     }
   }
 
@@ -75,6 +108,7 @@ export class ChangeFeed extends CacheGroup {
   private abandon(client: pg.Client, reason: string) {
     if (this.client !== client) return;
     this.client = undefined;
+    this.awaiting = undefined;
     if (this.isLive) {
       this.o.logger.warn({ reason }, 'database change feed lost; process caches off until back');
     }
@@ -92,22 +126,25 @@ export class ChangeFeed extends CacheGroup {
     this.reconnect.unref();
   }
 
-  /** A query on the listening connection must come back within a heartbeat. */
-  private async beat(): Promise<void> {
+  /** Sends a heartbeat, or gives up on a listener that did not hear the last one in time. */
+  private beat() {
     const client = this.client;
     if (!client || !this.isLive) return;
-    let timer: NodeJS.Timeout | undefined;
-    const answered = await Promise.race([
-      client.query('select 1').then(
-        () => true,
-        () => false,
-      ),
-      new Promise<boolean>((resolve) => {
-        timer = setTimeout(() => resolve(false), this.heartbeatMs);
-      }),
-    ]);
-    clearTimeout(timer);
-    if (!answered) this.abandon(client, 'the connection stopped answering');
+    if (this.awaiting) {
+      if (Date.now() - this.awaiting.sentAt >= this.heartbeatMs) {
+        this.abandon(client, 'the heartbeat did not come back');
+      }
+      return;
+    }
+    const awaiting = {
+      payload: `${HEARTBEAT_PREFIX}${this.instance}:${randomUUID()}`,
+      sentAt: Date.now(),
+    };
+    this.awaiting = awaiting;
+    this.o.pool.query('select pg_notify($1, $2)', [this.o.channel, awaiting.payload]).catch(() => {
+      // PostgreSQL unreachable for writers too: no verdict on the listener from this beat.
+      if (this.awaiting === awaiting) this.awaiting = undefined;
+    });
   }
 
   async close(): Promise<void> {
@@ -117,6 +154,10 @@ export class ChangeFeed extends CacheGroup {
     clearTimeout(this.reconnect);
     const client = this.client;
     this.client = undefined;
-    await client?.end().catch(() => {});
+    // A connection attempt under way is not waited for (it may take until its timeout).
+    await Promise.race([
+      client?.end().catch(() => {}),
+      new Promise((resolve) => setTimeout(resolve, 500).unref()),
+    ]);
   }
 }

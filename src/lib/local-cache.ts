@@ -158,7 +158,7 @@ export class CacheGroup {
 
   /** The feed is confirmed: start empty, then serve. */
   protected up(): void {
-    for (const cache of this.caches.values()) cache.clear();
+    this.clearAll();
     this.live = true;
   }
 
@@ -166,6 +166,11 @@ export class CacheGroup {
   protected down(): void {
     if (!this.live) return;
     this.live = false;
+    this.clearAll();
+  }
+
+  /** Empties every cache of the group (everything may have changed). */
+  protected clearAll(): void {
     for (const cache of this.caches.values()) cache.clear();
   }
 

@@ -119,6 +119,14 @@ export class UserRepository {
         account.subscriptions.push({ status, pastDueSince, currentPeriodEnd, cancelAtPeriodEnd });
       }
     }
+    // Shared by every request that reads them from the cache (and the profile JSON is memoised
+    // per account): frozen, so nothing can change one in place.
+    for (const account of found.values()) {
+      for (const facts of account.subscriptions) Object.freeze(facts);
+      Object.freeze(account.subscriptions);
+      Object.freeze(account.profile);
+      Object.freeze(account);
+    }
     return ids.map((id) => found.get(id));
   }
 

@@ -54,6 +54,7 @@ export const billingRoutes =
       clock: container.clock,
       logger: container.logger,
       tierOf: container.tierOf,
+      tierFrom: container.tierFrom,
       limitFor: container.limitFor,
     });
     const tags = ['Subscription'];

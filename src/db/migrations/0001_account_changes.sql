@@ -19,3 +19,17 @@ CREATE TRIGGER users_account_changed AFTER INSERT OR UPDATE OR DELETE ON users
 --> statement-breakpoint
 CREATE TRIGGER subscriptions_account_changed AFTER INSERT OR UPDATE OR DELETE ON subscriptions
   FOR EACH ROW EXECUTE FUNCTION notify_account_changed('user_id');
+--> statement-breakpoint
+-- A TRUNCATE has no rows to name: it announces `*`, every account.
+CREATE FUNCTION notify_all_accounts_changed() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+  PERFORM pg_notify('account_changed', '*');
+  RETURN NULL;
+END
+$$;
+--> statement-breakpoint
+CREATE TRIGGER users_truncated AFTER TRUNCATE ON users
+  FOR EACH STATEMENT EXECUTE FUNCTION notify_all_accounts_changed();
+--> statement-breakpoint
+CREATE TRIGGER subscriptions_truncated AFTER TRUNCATE ON subscriptions
+  FOR EACH STATEMENT EXECUTE FUNCTION notify_all_accounts_changed();
