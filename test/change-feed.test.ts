@@ -1,8 +1,9 @@
 import net from 'node:net';
 import pg from 'pg';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
-import { ChangeFeed } from '../src/db/change-feed.js';
+import { ChangeFeed, type ChangeFeedOptions } from '../src/db/change-feed.js';
 import { runMigrations } from '../src/db/migrate.js';
+import type { LocalCache } from '../src/lib/local-cache.js';
 import { createLogger } from '../src/lib/logger.js';
 import { LogCapture } from './helpers/context.js';
 import { type PostgresInstance, startPostgresInstance } from './helpers/postgres-instance.js';
@@ -29,16 +30,22 @@ describe('ChangeFeed (the accounts cache’s feed of database changes)', () => {
     await instance?.destroy();
   });
 
-  async function openFeed(heartbeatMs = 5000) {
+  /** A feed on the instance (closed after the test); `options` override the defaults. */
+  function newFeed(options: Partial<ChangeFeedOptions> = {}) {
     const feed = new ChangeFeed({
       databaseUrl: instance.url(),
       pool,
       channel: 'account_changed',
       ttlMs: 60_000,
       logger: createLogger('silent', new LogCapture()),
-      heartbeatMs,
+      ...options,
     });
     feeds.push(feed);
+    return feed;
+  }
+
+  async function openFeed(heartbeatMs = 5000) {
+    const feed = newFeed({ heartbeatMs });
     await feed.start();
     await until(
       () => feed.isLive,
@@ -55,6 +62,17 @@ describe('ChangeFeed (the accounts cache’s feed of database changes)', () => {
       [mobile],
     );
     return rows[0]!.id;
+  }
+
+  /** A change to a user reaches `cache`: the user's entry is dropped. */
+  async function expectHears(cache: LocalCache<string>) {
+    const userId = await insertUser();
+    expect(cache.set(userId, 'cached', cache.begin())).toBe(true);
+    await pool.query(`update users set name = 'Changed' where id = $1`, [userId]);
+    await until(
+      () => cache.get(userId),
+      (value) => value === undefined,
+    );
   }
 
   /** The feed's backend process on the server, found by its application name. */
@@ -142,13 +160,7 @@ describe('ChangeFeed (the accounts cache’s feed of database changes)', () => {
     );
     expect(cache.get('k')).toBeUndefined();
     expect(cache.set('k', 'v', cache.begin())).toBe(true);
-    const userId = await insertUser();
-    expect(cache.set(userId, 'cached', cache.begin())).toBe(true);
-    await pool.query(`update users set name = 'After' where id = $1`, [userId]);
-    await until(
-      () => cache.get(userId),
-      (value) => value === undefined,
-    );
+    await expectHears(cache);
   });
 
   it('empties the whole cache when a table is truncated', async () => {
@@ -182,13 +194,7 @@ describe('ChangeFeed (the accounts cache’s feed of database changes)', () => {
       (live) => live,
       5000,
     );
-    const userId = await insertUser();
-    expect(cache.set(userId, 'cached', cache.begin())).toBe(true);
-    await pool.query(`update users set name = 'Heard' where id = $1`, [userId]);
-    await until(
-      () => cache.get(userId),
-      (value) => value === undefined,
-    );
+    await expectHears(cache);
   });
 
   it('gives up on a server that accepts the connection and never answers, and tries again', async () => {
@@ -196,15 +202,10 @@ describe('ChangeFeed (the accounts cache’s feed of database changes)', () => {
     const silent = net.createServer((socket) => sockets.push(socket));
     await new Promise<void>((resolve) => silent.listen(0, '127.0.0.1', resolve));
     const { port } = silent.address() as net.AddressInfo;
-    const feed = new ChangeFeed({
+    const feed = newFeed({
       databaseUrl: `postgres://postgres@127.0.0.1:${port}/postgres`,
-      pool,
-      channel: 'account_changed',
-      ttlMs: 60_000,
-      logger: createLogger('silent', new LogCapture()),
       heartbeatMs: 200,
     });
-    feeds.push(feed);
     try {
       await feed.start();
       await until(
@@ -221,14 +222,7 @@ describe('ChangeFeed (the accounts cache’s feed of database changes)', () => {
   });
 
   it('with a TTL of 0 never listens and never caches', async () => {
-    const feed = new ChangeFeed({
-      databaseUrl: instance.url(),
-      pool,
-      channel: 'account_changed',
-      ttlMs: 0,
-      logger: createLogger('silent', new LogCapture()),
-    });
-    feeds.push(feed);
+    const feed = newFeed({ ttlMs: 0 });
     const cache = feed.cache<string>('accounts', 10);
     await feed.start();
     expect(feed.enabled).toBe(false);
