@@ -135,6 +135,11 @@ describe('the app', () => {
     const missing = await ctx.app.inject({ method: 'GET', url: '/no-such-route' });
     expect(missing.statusCode).toBe(404);
     expect(missing.headers['x-content-type-options']).toBe('nosniff');
+    // Refused before routing (a malformed percent-encoding): the same headers.
+    const unroutable = await ctx.app.inject({ method: 'GET', url: '/chatroom/%E0%A4%A' });
+    expect(unroutable.statusCode).toBe(400);
+    expect(unroutable.headers['x-content-type-options']).toBe('nosniff');
+    expect(unroutable.headers['cache-control']).toBe('no-store');
   });
 
   it('sends helmet’s document headers and the pages’ own caching on the pages', async () => {

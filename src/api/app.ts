@@ -22,7 +22,7 @@ import { registerErrorHandling, sendError, toAppError } from './plugins/errors.j
 import { registerMetricsRoute } from './plugins/metrics.js';
 import { registerRateLimit } from './plugins/rate-limit.js';
 import { registerRequestLifecycle } from './plugins/request-lifecycle.js';
-import { registerDocumentHeaders } from './plugins/security-headers.js';
+import { API_SECURITY_HEADERS, registerDocumentHeaders } from './plugins/security-headers.js';
 import { authRoutes } from './routes/auth.js';
 import { billingRoutes } from './routes/billing.js';
 import { chatRoutes } from './routes/chat.js';
@@ -61,6 +61,7 @@ export async function buildApp(container: Container, options: BuildAppOptions = 
     // API's error shape too, instead of Fastify's default body.
     frameworkErrors: (error, request, reply) => {
       reply.header('x-request-id', request.id);
+      reply.headers(API_SECURITY_HEADERS);
       return sendError(request, reply, toAppError(error));
     },
     // Lets in-flight requests finish on close while idle keep-alive sockets are dropped.
