@@ -66,9 +66,9 @@ const settings = quick
     }
   : {
       connections: 32,
-      durationS: 5,
-      rounds: 3,
-      warmupS: 2,
+      durationS: 3,
+      rounds: 5,
+      warmupS: 3,
       users: 40,
       roomsPerUser: 5,
       pipelineRate: 200,
