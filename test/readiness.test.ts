@@ -3,7 +3,12 @@ import { buildApp } from '../src/api/app.js';
 import { loadConfig } from '../src/config.js';
 import { createContainer } from '../src/container.js';
 import { createLogger } from '../src/lib/logger.js';
-import { createTestContext, type TestContext, testEnv } from './helpers/context.js';
+import {
+  createTestContext,
+  type TestContext,
+  testEnv,
+  testRedisPrefix,
+} from './helpers/context.js';
 import { type PostgresInstance, startPostgresInstance } from './helpers/postgres-instance.js';
 import { type RedisInstance, startRedisInstance } from './helpers/redis-instance.js';
 import { signIn } from './helpers/users.js';
@@ -57,7 +62,7 @@ describe('readiness follows the backing services', () => {
     const postgres: PostgresInstance = await startPostgresInstance();
     cleanups.push(postgres.destroy);
     const config = loadConfig(
-      testEnv({ DATABASE_URL: postgres.url('app'), REDIS_PREFIX: 'unused:' }),
+      testEnv({ DATABASE_URL: postgres.url('app'), REDIS_PREFIX: testRedisPrefix() }),
     );
     const container = await createContainer(config, createLogger('silent'));
     const app = await buildApp(container);
