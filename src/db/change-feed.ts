@@ -1,4 +1,3 @@
-import { randomUUID } from 'node:crypto';
 import pg from 'pg';
 import { CacheGroup } from '../lib/local-cache.js';
 import type { Logger } from '../lib/logger.js';
@@ -39,10 +38,6 @@ export class ChangeFeed extends CacheGroup {
   private stopped = false;
   private heartbeat: NodeJS.Timeout | undefined;
   private reconnect: NodeJS.Timeout | undefined;
-  /** Names this process's heartbeats on the shared channel. */
-  private readonly instance = randomUUID();
-  /** The heartbeat sent and not heard back yet, and when it was sent. */
-  private awaiting: { payload: string; sentAt: number } | undefined;
 
   constructor(private readonly o: ChangeFeedOptions) {
     super(o.ttlMs, o.heartbeatMs);
@@ -85,7 +80,6 @@ export class ChangeFeed extends CacheGroup {
       ]);
       if (this.client !== client || this.stopped) return;
       // Changes committed before LISTEN took effect were not heard: start empty.
-      this.awaiting = undefined;
       this.up();
     } catch (error) {
       this.abandon(client, (error as Error).message);
@@ -96,7 +90,8 @@ export class ChangeFeed extends CacheGroup {
 
   private apply(payload: string) {
     if (payload.startsWith(HEARTBEAT_PREFIX)) {
-      if (payload === this.awaiting?.payload) this.awaiting = undefined;
+      const [instance, id] = payload.slice(HEARTBEAT_PREFIX.length).split(':');
+      if (instance === this.instance && id) this.heartbeatSettled(id);
     } else if (payload === ALL) {
       this.clearAll();
     } else {
@@ -108,7 +103,6 @@ export class ChangeFeed extends CacheGroup {
   private abandon(client: pg.Client, reason: string) {
     if (this.client !== client) return;
     this.client = undefined;
-    this.awaiting = undefined;
     if (this.isLive) {
       this.o.logger.warn({ reason }, 'database change feed lost; process caches off until back');
     }
@@ -130,21 +124,14 @@ export class ChangeFeed extends CacheGroup {
   private beat() {
     const client = this.client;
     if (!client || !this.isLive) return;
-    if (this.awaiting) {
-      if (Date.now() - this.awaiting.sentAt >= this.heartbeatMs) {
-        this.abandon(client, 'the heartbeat did not come back');
-      }
-      return;
-    }
-    const awaiting = {
-      payload: `${HEARTBEAT_PREFIX}${this.instance}:${randomUUID()}`,
-      sentAt: Date.now(),
-    };
-    this.awaiting = awaiting;
-    this.o.pool.query('select pg_notify($1, $2)', [this.o.channel, awaiting.payload]).catch(() => {
+    const next = this.nextHeartbeat();
+    if (next === 'late') return this.abandon(client, 'the heartbeat did not come back');
+    if (!next) return;
+    const payload = `${HEARTBEAT_PREFIX}${this.instance}:${next.id}`;
+    this.o.pool
+      .query('select pg_notify($1, $2)', [this.o.channel, payload])
       // PostgreSQL unreachable for writers too: no verdict on the listener from this beat.
-      if (this.awaiting === awaiting) this.awaiting = undefined;
-    });
+      .catch(() => this.heartbeatSettled(next.id));
   }
 
   async close(): Promise<void> {

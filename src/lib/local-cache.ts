@@ -8,10 +8,10 @@ interface Entry<V> {
 }
 
 /**
- * A cache in this process's memory, in front of Redis, for answers read on nearly every request.
- * Every entry is dropped by an invalidation published over Redis (see `InvalidationBus`), so a
- * change made through any instance reaches every other one in the time a pub/sub message takes;
- * the TTL only bounds the damage of a change made behind the service's back.
+ * A cache in this process's memory for answers read on nearly every request. Every entry is
+ * dropped by an invalidation from its group's feed (Redis pub/sub, see `InvalidationBus`, or
+ * PostgreSQL's NOTIFY, see `ChangeFeed`), so a change reaches every instance in the time a message
+ * takes; the TTL only bounds the damage of a change no invalidation announced.
  *
  * Loads and invalidations can cross: a load that started before an invalidation of its key (or
  * before the bus lost its connection) is not stored, so a stale value is never cached after the
@@ -130,6 +130,10 @@ const HEARTBEAT_MS = 5000;
 export class CacheGroup {
   private readonly caches = new Map<string, LocalCache<unknown>>();
   private live = false;
+  /** Names this process's heartbeats on a feed other processes share. */
+  protected readonly instance = randomUUID();
+  /** The heartbeat sent and not heard back yet, and when it was sent. */
+  private awaiting: { id: string; sentAt: number } | undefined;
 
   constructor(
     private readonly ttlMs: number,
@@ -158,15 +162,40 @@ export class CacheGroup {
 
   /** The feed is confirmed: start empty, then serve. */
   protected up(): void {
+    this.awaiting = undefined;
     this.clearAll();
     this.live = true;
   }
 
   /** The feed may miss invalidations from now on: serve nothing. */
   protected down(): void {
+    this.awaiting = undefined;
     if (!this.live) return;
     this.live = false;
     this.clearAll();
+  }
+
+  /**
+   * One step of the check each feed runs on itself every `heartbeatMs` (a connection can stop
+   * hearing without closing): `'late'` when the heartbeat out was not heard back within a beat,
+   * the id of a new one to send through the feed when none is out and the feed is live,
+   * undefined otherwise.
+   */
+  protected nextHeartbeat(): 'late' | { id: string } | undefined {
+    if (this.awaiting) {
+      if (Date.now() - this.awaiting.sentAt < this.heartbeatMs) return undefined;
+      this.awaiting = undefined;
+      return 'late';
+    }
+    if (!this.live) return undefined;
+    const id = randomUUID();
+    this.awaiting = { id, sentAt: Date.now() };
+    return { id };
+  }
+
+  /** Heartbeat `id` came back (or could not be sent): none is out any more. */
+  protected heartbeatSettled(id: string): void {
+    if (this.awaiting?.id === id) this.awaiting = undefined;
   }
 
   /** Empties every cache of the group (everything may have changed). */
@@ -204,11 +233,7 @@ export interface InvalidationBusOptions {
 export class InvalidationBus extends CacheGroup {
   private subscriber: Redis | undefined;
   private stopped = false;
-  /** Names this process's heartbeats on the shared channel. */
-  private readonly instance = randomUUID();
   private heartbeat: NodeJS.Timeout | undefined;
-  /** The heartbeat sent and not heard back yet, and when it was sent. */
-  private awaiting: { id: string; sentAt: number } | undefined;
 
   constructor(private readonly o: InvalidationBusOptions) {
     super(o.ttlMs, o.heartbeatMs);
@@ -245,8 +270,8 @@ export class InvalidationBus extends CacheGroup {
   private beat() {
     const subscriber = this.subscriber;
     if (!subscriber || this.stopped) return;
-    if (this.awaiting && Date.now() - this.awaiting.sentAt >= this.heartbeatMs) {
-      this.awaiting = undefined;
+    const next = this.nextHeartbeat();
+    if (next === 'late') {
       if (this.isLive) {
         this.o.logger.warn('cache invalidation channel went quiet; reconnecting');
         this.down();
@@ -254,12 +279,10 @@ export class InvalidationBus extends CacheGroup {
       }
       return;
     }
-    if (!this.isLive || this.awaiting) return;
-    const id = randomUUID();
-    this.awaiting = { id, sentAt: Date.now() };
-    this.o.redis.publish(this.o.channel, `\n${this.instance}\n${id}`).catch(() => {
-      this.awaiting = undefined;
-    });
+    if (!next) return;
+    this.o.redis
+      .publish(this.o.channel, `\n${this.instance}\n${next.id}`)
+      .catch(() => this.heartbeatSettled(next.id));
   }
 
   private async subscribe(subscriber: Redis): Promise<void> {
@@ -282,7 +305,7 @@ export class InvalidationBus extends CacheGroup {
   private apply(message: string) {
     const lines = message.split('\n');
     if (lines[0] === '') {
-      if (lines[1] === this.instance && lines[2] === this.awaiting?.id) this.awaiting = undefined;
+      if (lines[1] === this.instance && lines[2]) this.heartbeatSettled(lines[2]);
       return;
     }
     this.dropLocal(lines[0] ?? '', lines.slice(1));
