@@ -81,6 +81,13 @@ const relaxedCommit = sql`set_config('synchronous_commit', 'off', true) = 'off'`
  */
 function prepareStatements(db: Database) {
   const pending = inArray(messages.status, PENDING_STATUSES);
+  /** A reply's attempt starting at `at` (the first start is kept). */
+  const started = {
+    status: 'streaming' as const,
+    startedAt: sql`coalesce(${messages.startedAt}, ${sql.placeholder('at')}::timestamptz)`,
+    attempts: sql`${messages.attempts} + 1`,
+    updatedAt: param('at'),
+  };
   return {
     findRooms: db
       .select()
@@ -153,23 +160,13 @@ function prepareStatements(db: Database) {
       .prepare('chat_history'),
     startAttempt: db
       .update(messages)
-      .set({
-        status: 'streaming',
-        startedAt: sql`coalesce(${messages.startedAt}, ${sql.placeholder('at')}::timestamptz)`,
-        attempts: sql`${messages.attempts} + 1`,
-        updatedAt: param('at'),
-      })
+      .set(started)
       .where(and(eq(messages.id, sql.placeholder('id')), pending, relaxedCommit))
       .returning()
       .prepare('chat_start_attempt'),
     startReply: db
       .update(messages)
-      .set({
-        status: 'streaming',
-        startedAt: sql`coalesce(${messages.startedAt}, ${sql.placeholder('at')}::timestamptz)`,
-        attempts: sql`${messages.attempts} + 1`,
-        updatedAt: param('at'),
-      })
+      .set(started)
       .from(prompts)
       .innerJoin(chatrooms, eq(chatrooms.id, prompts.chatroomId))
       .where(
