@@ -92,6 +92,36 @@ export function sseAgent() {
   return new http.Agent({ keepAlive: true, maxSockets: Number.POSITIVE_INFINITY });
 }
 
+interface LoadRequest {
+  method: string;
+  path: string;
+  headers: Record<string, string>;
+  body?: string;
+}
+
+/** The options of one request over `agent` to `target`, with a JSON body when `init` has one. */
+function requestOptions(
+  agent: http.Agent,
+  target: URL,
+  init: LoadRequest,
+  headers: Record<string, string> = {},
+): http.RequestOptions {
+  return {
+    agent,
+    host: target.hostname,
+    port: target.port,
+    path: target.pathname + target.search,
+    method: init.method,
+    headers: {
+      ...headers,
+      ...(init.body !== undefined
+        ? { 'content-type': 'application/json', 'content-length': Buffer.byteLength(init.body) }
+        : {}),
+      ...init.headers,
+    },
+  };
+}
+
 /**
  * Sends one request with `Accept: text/event-stream` and collects its events (with arrival
  * times) until the server ends the response, a `done`/`error` event, or `timeoutMs`.
@@ -99,7 +129,7 @@ export function sseAgent() {
 export function sseRequest(
   agent: http.Agent,
   url: string,
-  init: { method: string; path: string; headers: Record<string, string>; body?: string },
+  init: LoadRequest,
   timeoutMs: number,
 ): Promise<SseResult> {
   const target = new URL(init.path, url);
@@ -114,20 +144,7 @@ export function sseRequest(
       resolve(error ? { status, events, sentAt, error } : { status, events, sentAt });
     };
     const request = http.request(
-      {
-        agent,
-        host: target.hostname,
-        port: target.port,
-        path: target.pathname + target.search,
-        method: init.method,
-        headers: {
-          accept: 'text/event-stream',
-          ...(init.body !== undefined
-            ? { 'content-type': 'application/json', 'content-length': Buffer.byteLength(init.body) }
-            : {}),
-          ...init.headers,
-        },
-      },
+      requestOptions(agent, target, init, { accept: 'text/event-stream' }),
       (response) => {
         const status = response.statusCode ?? 0;
         let buffer = '';
@@ -173,27 +190,14 @@ export function sseRequest(
 export function jsonRequest(
   agent: http.Agent,
   url: string,
-  init: { method: string; path: string; headers: Record<string, string>; body?: string },
+  init: LoadRequest,
   timeoutMs: number,
 ): Promise<{ status: number; body: unknown; sentAt: number; at: number; error?: string }> {
   const target = new URL(init.path, url);
   const sentAt = performance.now();
   return new Promise((resolve) => {
     const request = http.request(
-      {
-        agent,
-        host: target.hostname,
-        port: target.port,
-        path: target.pathname + target.search,
-        method: init.method,
-        headers: {
-          ...(init.body !== undefined
-            ? { 'content-type': 'application/json', 'content-length': Buffer.byteLength(init.body) }
-            : {}),
-          ...init.headers,
-        },
-        timeout: timeoutMs,
-      },
+      { ...requestOptions(agent, target, init), timeout: timeoutMs },
       (response) => {
         let text = '';
         response.setEncoding('utf8');
