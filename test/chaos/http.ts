@@ -154,18 +154,7 @@ export class ApiClient {
     } finally {
       clearTimeout(timer);
     }
-    let body: unknown;
-    try {
-      body = raw ? JSON.parse(raw) : undefined;
-    } catch {
-      body = undefined;
-    }
-    const code = (body as { error?: { code?: string } } | undefined)?.error?.code;
-    this.traffic.record(
-      { label, api, sentAt, doneAt: Date.now(), status: res.status, ...(code ? { code } : {}) },
-      body,
-      raw,
-    );
+    const body = this.recordAnswer({ label, api, sentAt }, res.status, raw);
     return { ok: true, api, status: res.status, body, headers: res.headers } satisfies HttpResult;
   }
 
@@ -200,6 +189,27 @@ export class ApiClient {
     }
   }
 
+  /** Records an answer that came back (its error code, if any) and returns its parsed body. */
+  private recordAnswer(
+    request: { label: string; api: number; sentAt: number },
+    status: number,
+    raw: string,
+  ): unknown {
+    let body: unknown;
+    try {
+      body = raw ? JSON.parse(raw) : undefined;
+    } catch {
+      body = undefined;
+    }
+    const code = (body as { error?: { code?: string } } | undefined)?.error?.code;
+    this.traffic.record(
+      { ...request, doneAt: Date.now(), status, ...(code ? { code } : {}) },
+      body,
+      raw,
+    );
+    return body;
+  }
+
   private async readSse(
     label: string,
     method: string,
@@ -232,18 +242,7 @@ export class ApiClient {
       } catch {
         // body cut off
       }
-      let body: unknown;
-      try {
-        body = raw ? JSON.parse(raw) : undefined;
-      } catch {
-        body = undefined;
-      }
-      const code = (body as { error?: { code?: string } } | undefined)?.error?.code;
-      this.traffic.record(
-        { label, api, sentAt, doneAt: Date.now(), status: res.status, ...(code ? { code } : {}) },
-        body,
-        raw,
-      );
+      const body = this.recordAnswer({ label, api, sentAt }, res.status, raw);
       return { kind: 'http', status: res.status, api, body };
     }
     this.traffic.record({ label, api, sentAt, doneAt: Date.now(), status: res.status });

@@ -85,13 +85,7 @@ export function verify(
   basicLimit: number,
 ): Verification {
   const byId = new Map(rows.map((r) => [r.id, r]));
-  const repliesOf = new Map<string, Row[]>();
-  for (const r of rows) {
-    if (r.role !== 'assistant' || !r.reply_to_id) continue;
-    const list = repliesOf.get(r.reply_to_id) ?? [];
-    list.push(r);
-    repliesOf.set(r.reply_to_id, list);
-  }
+  const repliesOf = repliesByPrompt(rows);
 
   const outcomes: Record<string, number> = {};
   const lost: Verification['lost'] = [];
@@ -275,13 +269,7 @@ export function recoveries(
   const byId = new Map(rows.map((r) => [r.id, r]));
   const promptByContent = new Map<string, Row>();
   for (const r of rows) if (r.role === 'user') promptByContent.set(r.content, r);
-  const repliesOf = new Map<string, Row[]>();
-  for (const r of rows) {
-    if (r.role !== 'assistant' || !r.reply_to_id) continue;
-    const list = repliesOf.get(r.reply_to_id) ?? [];
-    list.push(r);
-    repliesOf.set(r.reply_to_id, list);
-  }
+  const repliesOf = repliesByPrompt(rows);
   const accepted = [...ledger.accepted.values()];
 
   return faults.map((f, i) => {
@@ -339,6 +327,18 @@ export function recoveries(
       details,
     };
   });
+}
+
+/** Each prompt's assistant rows (its replies and regenerations), by the prompt's id. */
+function repliesByPrompt(rows: Row[]): Map<string, Row[]> {
+  const repliesOf = new Map<string, Row[]>();
+  for (const r of rows) {
+    if (r.role !== 'assistant' || !r.reply_to_id) continue;
+    const list = repliesOf.get(r.reply_to_id) ?? [];
+    list.push(r);
+    repliesOf.set(r.reply_to_id, list);
+  }
+  return repliesOf;
 }
 
 function countBy(values: string[]): Record<string, number> {
