@@ -57,7 +57,9 @@ export function registerAuth(app: FastifyInstance, container: Container): Protec
         request.authError = missing();
         return done();
       }
-      const known = knownQuick ?? container.sessions.authenticateKnown(token);
+      // The same text was looked up already when the quick form matched it.
+      const known =
+        knownQuick ?? (token === quick ? undefined : container.sessions.authenticateKnown(token));
       if (known !== undefined) {
         if (known instanceof AppError) request.authError = known;
         else request.auth = known;
